@@ -1,0 +1,1 @@
+"""Preference data: sources, row formats, tokenization, validation, pair-aware packing."""

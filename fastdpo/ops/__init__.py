@@ -1,0 +1,1 @@
+"""Autograd functions and public ops over the Triton kernels, each with a pure-PyTorch twin."""

@@ -1,0 +1,1 @@
+"""Triton kernels, one op per file. Imports nothing from fastdpo (installed as fastdpo.kernels)."""
