@@ -1,1 +1,14 @@
-"""Preference data: sources, row formats, tokenization, validation, pair-aware packing."""
+"""Preference data: sources, row formats, tokenization, validation, pair-aware packing.
+
+Modules, in the order data flows through them:
+- `readers`: raw rows from JSONL / JSON / Parquet / `datasets` / Python lists / the Hub;
+- `formats` (+ `messages`, `prompts`, `ranking`): a row -> canonical `PreferenceExample`s;
+- `sources`: `load_preference_data`, with column mapping, stable ids and `validation`'s policy;
+- `chat`: one example -> token ids and loss masks (chat template or plain text);
+- `tokenize`: `tokenize_pairs`, with truncation, worker processes and the `cache`;
+- `planner`: best-fit-decreasing assignment of pairs to token-budget micro-batches;
+- `collate`: pairs -> one `PackedBatch`; `packing`: `pack_pairs`, a DataLoader-ready epoch;
+- `types`: the types that cross module boundaries (`PackedBatch` is the contract with the model).
+
+Nothing here imports other fastdpo modules.
+"""

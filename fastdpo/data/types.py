@@ -69,7 +69,7 @@ class TokenizedPair:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens this example occupies in a packed stream (the prompt appears once per sequence)."""
+        """Tokens this example takes in a packed stream (the prompt appears once per sequence)."""
         n = len(self.prompt_ids) + len(self.chosen_ids)
         if self.rejected_ids is not None:
             n += len(self.prompt_ids) + len(self.rejected_ids)

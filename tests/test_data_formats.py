@@ -1,0 +1,236 @@
+"""Row formats and sources: every format normalizes to the expected canonical example."""
+
+import json
+
+import pytest
+
+from fastdpo.data.formats import FormatOptions, row_to_examples
+from fastdpo.data.ranking import rank_pairs
+from fastdpo.data.sources import load_preference_data
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+def one(row, **options):
+    fmt, examples = row_to_examples(row, FormatOptions(**options))
+    assert len(examples) == 1
+    return fmt, examples[0]
+
+
+def test_explicit_strings():
+    fmt, e = one({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."})
+    assert fmt == "explicit"
+    assert (e.prompt, e.chosen, e.rejected, e.completion) == ("Hi?", "Hello.", "Go.", None)
+    assert e.is_paired
+
+
+def test_conversational_multi_turn_with_system_prompt():
+    prompt = [system("Be brief."), user("Hi"), assistant("Hello!"), user("Capital of France?")]
+    fmt, e = one({"prompt": prompt, "chosen": "Paris.", "rejected": "Rome."})
+    assert fmt == "conversational"
+    assert e.prompt == prompt
+    # string replies to a message prompt are promoted to assistant messages
+    assert (e.chosen, e.rejected) == ([assistant("Paris.")], [assistant("Rome.")])
+
+
+def test_conversational_string_prompt_is_a_user_turn():
+    fmt, e = one({"prompt": "Hi", "chosen": [assistant("a")], "rejected": [assistant("b")]})
+    assert fmt == "conversational"
+    assert e.prompt == [user("Hi")]
+
+
+def test_whole_conversation_recovers_shared_prompt():
+    shared = [system("Be brief."), user("Hi"), assistant("Hello!"), user("Capital?")]
+    chosen = [*shared, assistant("Paris.")]
+    rejected = [*shared, assistant("Rome."), user("Sure?"), assistant("Yes.")]
+    # UltraFeedback-binarized also has a string prompt column: it is not what splits the rows.
+    fmt, e = one({"prompt": "Capital?", "chosen": chosen, "rejected": rejected})
+    assert fmt == "whole_conversation"
+    assert e.prompt == shared
+    assert e.chosen == [assistant("Paris.")]
+    assert e.rejected == [assistant("Rome."), user("Sure?"), assistant("Yes.")]
+
+
+def test_whole_conversation_cuts_back_to_assistant_start():
+    # They share a user and an assistant turn, then differ in a user turn: the prompt is cut
+    # back to the last point where both continue with an assistant message.
+    chosen = [user("a"), assistant("b"), user("c"), assistant("d")]
+    rejected = [user("a"), assistant("b"), user("x"), assistant("y")]
+    fmt, e = one({"chosen": chosen, "rejected": rejected})
+    assert fmt == "whole_conversation"
+    assert e.prompt == [user("a")]
+    assert e.chosen == chosen[1:]
+    assert e.rejected == rejected[1:]
+
+
+def test_whole_conversation_with_message_prompt_column():
+    prompt = [user("a"), assistant("b"), user("c")]
+    chosen = [*prompt, assistant("d")]
+    rejected = [*prompt, assistant("e")]
+    _, e = one({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    assert e.prompt == prompt and e.chosen == [assistant("d")] and e.rejected == [assistant("e")]
+
+
+def test_implicit_prompt_hh_multi_turn():
+    history = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Capital of France?\n\nAssistant:"
+    fmt, e = one({"chosen": history + " Paris.", "rejected": history + " Paris? No idea."})
+    assert fmt == "implicit_prompt"
+    assert e.prompt == history
+    assert (e.chosen, e.rejected) == (" Paris.", " Paris? No idea.")
+
+
+def test_implicit_prompt_custom_marker():
+    _, e = one({"chosen": "Q: x\nA: yes", "rejected": "Q: x\nA: no"}, assistant_marker="\nA:")
+    assert e.prompt == "Q: x\nA:" and e.chosen == " yes"
+
+
+def test_unpaired_text_and_messages():
+    fmt, e = one({"prompt": "Hi", "completion": "Hello", "label": True})
+    assert fmt == "unpaired" and not e.is_paired
+    assert (e.prompt, e.completion, e.label, e.chosen) == ("Hi", "Hello", True, None)
+    _, e = one({"prompt": [user("Hi")], "completion": [assistant("Go")], "label": False})
+    assert e.completion == [assistant("Go")] and e.label is False
+
+
+@pytest.mark.parametrize(
+    ("pairing", "gap", "expected"),
+    [
+        ("best_vs_worst", 0.0, [(1, 3)]),
+        ("best_vs_each", 0.0, [(1, 0), (1, 2), (1, 3)]),
+        ("all_pairs", 0.0, [(1, 2), (1, 0), (1, 3), (2, 0), (2, 3), (0, 3)]),
+        ("all_pairs", 1.5, [(1, 0), (1, 3), (2, 3)]),
+    ],
+)
+def test_ranking_policies(pairing, gap, expected):
+    scores = [2.0, 4.0, 3.0, 1.0]
+    assert rank_pairs(scores, pairing, gap) == expected
+
+
+def test_ranking_ties_form_no_pair_and_earlier_wins():
+    assert rank_pairs([1.0, 1.0], "best_vs_worst") == []
+    assert rank_pairs([2.0, 2.0, 1.0], "best_vs_each") == [(0, 2)]
+
+
+def test_ranked_row_ids_from_id_column():
+    row = {"id": "q7", "prompt": "Hi", "responses": ["a", "b", "c"], "scores": [1, 3, 2]}
+    fmt, examples = row_to_examples(row, FormatOptions(pairing="best_vs_each"))
+    assert fmt == "ranked"
+    assert [(e.example_id, e.chosen, e.rejected) for e in examples] == [
+        ("q7:1>0", "b", "a"),
+        ("q7:1>2", "b", "c"),
+    ]
+
+
+def test_ranked_message_responses():
+    row = {
+        "prompt": [system("s"), user("q")],
+        "responses": [[assistant("x")], [assistant("y")]],
+        "scores": [0.5, 0.1],
+    }
+    _, examples = row_to_examples(row, FormatOptions())
+    assert examples[0].chosen == [assistant("x")] and examples[0].rejected == [assistant("y")]
+
+
+def test_ids_stable_unique_and_from_id_column():
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": "b"},  # duplicate content
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+    ]
+    first = load_preference_data(rows)
+    again = load_preference_data([dict(r) for r in rows])
+    ids = [e.example_id for e in first]
+    assert ids == [e.example_id for e in again]
+    assert len(set(ids)) == 3 and ids[1] == ids[0] + "#1"
+    assert first.report.renamed_ids == 1
+    with_ids = load_preference_data([{**r, "id": 10 + i} for i, r in enumerate(rows)])
+    assert [e.example_id for e in with_ids] == ["10", "11", "12"]
+    ignored = load_preference_data([{**r, "id": 1} for r in rows], columns={"id": None})
+    assert [e.example_id for e in ignored] == ids
+
+
+def test_column_mapping_and_report():
+    rows = [{"question": "Hi", "good": "Hello", "bad": "Go", "label": "not a kto label"}]
+    data = load_preference_data(
+        rows, columns={"prompt": "question", "chosen": "good", "rejected": "bad", "label": None}
+    )
+    assert (data[0].prompt, data[0].chosen, data[0].rejected) == ("Hi", "Hello", "Go")
+    assert data.report.formats == {"explicit": 1} and data.report.rows == 1
+    with pytest.raises(ValueError, match="unknown canonical names"):
+        load_preference_data(rows, columns={"question": "prompt"})
+
+
+ROWS = [
+    {"prompt": "Hi", "chosen": "Hello", "rejected": "Go"},
+    {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "A"}],
+        "rejected": [{"role": "assistant", "content": "B"}],
+    },
+]
+
+
+def _canonical(data):
+    return [(e.prompt, e.chosen, e.rejected) for e in data]
+
+
+def test_jsonl_and_json_files(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n")
+    data = load_preference_data(path)
+    assert _canonical(data) == _canonical(load_preference_data(ROWS))
+    assert data[1].source == str(path) and data[1].row == 1
+    array = tmp_path / "data.json"
+    array.write_text(json.dumps(ROWS))
+    assert _canonical(load_preference_data(str(array))) == _canonical(data)
+
+
+def test_parquet_folder_and_glob(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    explicit = [ROWS[0], {"prompt": "Yo", "chosen": "Hey", "rejected": "No"}]
+    pq.write_table(pa.Table.from_pylist(explicit), tmp_path / "a.parquet")
+    pq.write_table(pa.Table.from_pylist([ROWS[1]]), tmp_path / "b.parquet")
+    expected = _canonical(load_preference_data([*explicit, ROWS[1]]))
+    assert _canonical(load_preference_data(tmp_path)) == expected
+    assert _canonical(load_preference_data(str(tmp_path / "*.parquet"))) == expected
+    single = load_preference_data(tmp_path / "b.parquet")
+    assert _canonical(single) == expected[2:]
+
+
+def test_datasets_object_and_saved_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    dataset = datasets.Dataset.from_list([ROWS[1], ROWS[1]])
+    assert _canonical(load_preference_data(dataset)) == _canonical(
+        load_preference_data([ROWS[1]] * 2)
+    )
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": dataset, "test": dataset.select([0])}).save_to_disk(folder)
+    assert len(load_preference_data(folder)) == 2
+    assert len(load_preference_data(str(folder), split="test")) == 1
+    with pytest.raises(KeyError, match="no split 'dev'"):
+        load_preference_data(folder, split="dev")
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_preference_data(tmp_path / "nope.jsonl")
+    with pytest.raises(TypeError, match="cannot read preference data"):
+        load_preference_data(42)
+
+
+def test_pretty_printed_json_object_is_a_clear_error(tmp_path):
+    path = tmp_path / "squad_style.json"
+    path.write_text(json.dumps({"version": 1, "data": ROWS}, indent=2))
+    with pytest.raises(ValueError, match="one JSON object spread over lines"):
+        load_preference_data(path)

@@ -1,0 +1,119 @@
+"""Bad rows: every reason, under on_bad_row="error" and "skip"; nothing is dropped silently."""
+
+import json
+import logging
+
+import pytest
+
+from fastdpo.data.sources import load_preference_data
+from fastdpo.data.tokenize import tokenize_pairs
+from fastdpo.data.validation import BadRowError, Reason
+from fastdpo.testing.tokenizer import build_tiny_tokenizer
+
+GOOD = {"prompt": "Hi", "chosen": "Hello", "rejected": "Go"}
+
+BAD_ROWS = {
+    Reason.MISSING_COLUMN: ({"prompt": "Hi", "chosen": "Hello"}, "missing column 'rejected'"),
+    Reason.EMPTY_CONTENT: ({"prompt": "Hi", "chosen": "  ", "rejected": "Go"}, "'chosen' is empty"),
+    Reason.NON_STRING_CONTENT: (
+        {"prompt": "Hi", "chosen": "Hello", "rejected": 3},
+        "'rejected' has type int",
+    ),
+    Reason.UNKNOWN_ROLE: (
+        {
+            "prompt": [{"role": "human", "content": "Hi"}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+        "prompt[0] has role 'human'",
+    ),
+    Reason.MALFORMED: (
+        {"prompt": "Hi", "chosen": ["a"], "rejected": ["b"]},
+        "chosen[0] is a str, expected a dict",
+    ),
+    Reason.NO_SHARED_PROMPT: (
+        {"chosen": "Human: a Assistant: b", "rejected": "Human: c Assistant: d"},
+        "share no prompt",
+    ),
+    Reason.IDENTICAL: (
+        {"prompt": "Hi", "chosen": "Same", "rejected": "Same"},
+        "'chosen' is identical to 'rejected'",
+    ),
+    Reason.LABEL_NOT_BOOL: ({"prompt": "Hi", "completion": "a", "label": 1}, "'label' is 1"),
+    Reason.BAD_SCORES: (
+        {"prompt": "Hi", "responses": ["a", "b"], "scores": [1.0, float("nan")]},
+        "scores[1] is nan",
+    ),
+    Reason.NO_PAIR: ({"prompt": "Hi", "responses": ["a", "b"], "scores": [1, 1]}, "forms no pair"),
+}
+
+
+@pytest.mark.parametrize("reason", list(BAD_ROWS), ids=lambda r: r.name)
+def test_bad_row_error_policy_names_row_and_reason(reason):
+    bad, message = BAD_ROWS[reason]
+    with pytest.raises(BadRowError) as info:
+        load_preference_data([GOOD, bad, GOOD])
+    (problem,) = info.value.problems
+    assert problem.reason is reason and problem.row == 1
+    assert message in str(info.value) and "row 1" in str(info.value)
+    assert "on_bad_row='skip'" in str(info.value)
+
+
+@pytest.mark.parametrize("reason", list(BAD_ROWS), ids=lambda r: r.name)
+def test_bad_row_skip_policy_reports_counts(reason, caplog):
+    bad, _ = BAD_ROWS[reason]
+    other_bad = {"prompt": "Hi", "chosen": "x", "rejected": "x"}
+    with caplog.at_level(logging.WARNING, logger="fastdpo.data"):
+        data = load_preference_data([GOOD, bad, bad, other_bad], on_bad_row="skip")
+    assert len(data) == 1
+    expected = {reason.value: 2}
+    expected[Reason.IDENTICAL.value] = expected.get(Reason.IDENTICAL.value, 0) + 1
+    assert data.report.skipped == expected
+    assert data.report.rows == 4
+    assert "skipped 3 bad row(s)" in caplog.text and reason.value in caplog.text
+
+
+def test_error_lists_first_problems_and_counts_the_rest():
+    rows = [{"prompt": "Hi", "chosen": "x", "rejected": "x"}] * 8
+    with pytest.raises(BadRowError) as info:
+        load_preference_data(rows)
+    text = str(info.value)
+    assert "8 bad row(s)" in text and "8 x chosen identical to rejected" in text
+    assert "row 4" in text and "row 5" not in text and "and 3 more" in text
+
+
+def test_invalid_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n{not json\n" + json.dumps(GOOD) + "\n")
+    with pytest.raises(BadRowError, match=r"rows\.jsonl, row 1: line: Expecting"):
+        load_preference_data(path)
+    data = load_preference_data(path, on_bad_row="skip")
+    assert len(data) == 2 and data.report.skipped == {Reason.INVALID_JSON.value: 1}
+
+
+def test_mapped_column_names_appear_in_messages():
+    with pytest.raises(BadRowError, match=r"'good' \(as 'chosen'\) is empty"):
+        load_preference_data(
+            [{"q": "Hi", "good": "", "bad": "x"}],
+            columns={"prompt": "q", "chosen": "good", "rejected": "bad"},
+        )
+
+
+def test_prompt_longer_than_max_length_both_policies(caplog):
+    tokenizer = build_tiny_tokenizer()
+    data = load_preference_data(
+        [GOOD, {"prompt": "Hi " * 40, "chosen": "a", "rejected": "b"}, GOOD],
+        on_bad_row="error",
+    )
+    with pytest.raises(BadRowError, match=r"row 1: example \w+: prompt has \d+ tokens"):
+        tokenize_pairs(data, tokenizer, max_length=16)
+    with caplog.at_level(logging.WARNING, logger="fastdpo.data"):
+        pairs = tokenize_pairs(data, tokenizer, max_length=16, on_bad_row="skip")
+    assert [p.example_id for p in pairs] == [data[0].example_id, data[2].example_id]
+    assert pairs.report.skipped == {Reason.PROMPT_TOO_LONG.value: 1}
+    assert "prompt longer than max_length" in caplog.text
+
+
+def test_bad_policy_name_is_rejected():
+    with pytest.raises(ValueError, match="on_bad_row must be one of"):
+        load_preference_data([GOOD], on_bad_row="ignore")
