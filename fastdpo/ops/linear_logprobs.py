@@ -1,0 +1,488 @@
+"""Fused language-model head + log-softmax + gather: per-token log-probs of target tokens.
+
+    z_raw[i, v] = h[i] @ W[v] + b[v]                 (fp32 accumulation)
+    z[i, v]     = softcap(z_raw[i, v]) / temperature   softcap(x) = c * tanh(x / c), or x if off
+    lse[i]      = logsumexp_v z[i, v]
+    logp[i]     = z[i, t[i]] - lse[i]                  (0 where t[i] == ignore_index)
+
+The order is bias, then soft-capping, then temperature, as in Gemma-2 (the cap applies to the
+head's final logits, sampling temperature divides what comes out of it). Neither implementation
+ever holds the `[N, V]` logits: the "triton" impl works tile by tile on the GPU (see
+`fastdpo.kernels.linear_logprobs`), the "torch" impl walks row chunks whose fp32 logits stay
+under a byte budget. Both recompute logits in backward and save only the inputs and the per-row
+log-sum-exp.
+
+Backward, with g = dL/dlogp and g_lse = dL/dlse (when `return_lse=True`), p = softmax(z):
+
+    dL/dz[i, v]     = g[i] * ([v == t[i]] - p[i, v]) + g_lse[i] * p[i, v]
+    dL/dz_raw[i, v] = dL/dz[i, v] / temperature * (1 - tanh(z_raw[i, v] / c) ** 2)
+    dH = G @ W,  dW = G.T @ H,  db = G.sum(0)       with G = dL/dz_raw   (ignored rows: G = 0)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Impl = Literal["auto", "triton", "torch"]
+IMPLS: tuple[str, ...] = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+"""Byte budget of one row chunk's fp32 logits in the torch impl (read at each call).
+
+Peak extra memory is one such buffer (two in a soft-capped backward, plus a half-size copy for
+bf16/fp16 inputs) plus the gradients, dW accumulated in fp32: 123 MiB over 74.5 MiB of
+gradients at N=6144, H=512, V=32000 fp32 (2-core CPU, 2026-11-23). Larger chunks run larger,
+faster matmuls: MKL's [rows, 512] x [512, 32000] product ran at 60, 72, 122 and 135 GFLOP/s for
+64, 128, 256 and 512 rows on the same machine (262 rows fit 32 MiB at V=32000)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearLogprobsOptions:
+    """Non-tensor options of one `linear_logprobs` call (travel through autograd as one object)."""
+
+    softcap: float | None = None
+    """Soft-capping constant c (logits -> c * tanh(logits / c)), or None for no capping."""
+    temperature: float = 1.0
+    """Logits are divided by this after soft-capping."""
+    ignore_index: int = -100
+    """Rows whose target equals this give 0 and receive no gradient."""
+    impl: Literal["triton", "torch"] = "torch"
+    """The resolved implementation (never "auto" here)."""
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    """torch impl: byte budget of one row chunk's fp32 logits."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+
+
+def check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> None:
+    """Raise ValueError if any target is outside [0, vocab_size) and not `ignore_index`.
+
+    Synchronizes with the device: call it once per batch where the data is built, not in the
+    hot loop (`linear_logprobs` itself checks on the device without a sync).
+    """
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    bad = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+    bad_positions = bad.reshape(-1).nonzero()
+    if bad_positions.numel() > 0:
+        first = int(bad_positions[0, 0])
+        value = int(targets.reshape(-1)[first])
+        raise ValueError(
+            f"targets: {bad_positions.numel()} value(s) outside [0, {vocab_size}) and not "
+            f"ignore_index={ignore_index}; first at flat position {first}: {value}. "
+            "Check the tokenizer's vocabulary against the model's head, or mark the position "
+            "with ignore_index."
+        )
+
+
+def _assert_targets_on_device(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Range check without a host sync on accelerators (the error surfaces at the next sync)."""
+    if targets.device.type == "cpu":
+        # CPU work is synchronous anyway: give the precise message.
+        check_targets(targets, vocab_size, ignore_index)
+        return
+    ok = (((targets >= 0) & (targets < vocab_size)) | (targets == ignore_index)).all()
+    torch._assert_async(
+        ok,
+        f"linear_logprobs: a target is outside [0, {vocab_size}) and not ignore_index="
+        f"{ignore_index}; call fastdpo.ops.linear_logprobs.check_targets on the batch to find it",
+    )
+
+
+def _validate(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+    temperature: float,
+) -> None:
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H], got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
+    vocab, width = weight.shape
+    if hidden.shape[-1] != width:
+        raise ValueError(
+            f"hidden's last dim ({hidden.shape[-1]}) must equal weight's H ({width}): "
+            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} (weight is [V, H])"
+        )
+    if vocab == 0 or width == 0:
+        raise ValueError(f"weight must be non-empty, got {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor (int64 or int32), got {targets.dtype}")
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"bias must have shape [V] = [{vocab}], got {tuple(bias.shape)}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be bfloat16, float16 or float32, got {hidden.dtype}")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != hidden.dtype:
+            raise TypeError(
+                f"{name} dtype {tensor.dtype} differs from hidden's {hidden.dtype}: cast them to "
+                "one dtype (the head's compute dtype)"
+            )
+    for name, tensor in (("weight", weight), ("targets", targets), ("bias", bias)):
+        if tensor is not None and tensor.device != hidden.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but hidden is on {hidden.device}: move them to "
+                "one device"
+            )
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Implementation choice
+
+
+def _triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on `device`, or None if they can."""
+    try:
+        from fastdpo.kernels import linear_logprobs as kernels
+    except ImportError as error:  # no triton on this platform
+        return f"triton cannot be imported ({error}); install triton or use impl='torch'"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if kernels.is_interpreted():
+            return None
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return (
+                "TRITON_INTERPRET=1 was set after fastdpo.kernels was imported; set it before "
+                "the first import, or use impl='torch'"
+            )
+        return (
+            "the Triton kernels need a CUDA device (hidden is on the CPU); use impl='torch' "
+            "or 'auto', or set TRITON_INTERPRET=1 before importing fastdpo to run them "
+            "(slowly) on the CPU"
+        )
+    return f"the Triton kernels do not run on {device.type}; use impl='torch' or 'auto'"
+
+
+def _resolve_impl(impl: str, device: torch.device) -> Literal["triton", "torch"]:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    if impl == "triton":
+        reason = _triton_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"linear_logprobs(impl='triton'): {reason}")
+        return "triton"
+    # auto: the kernels on CUDA; the interpreter is far too slow to be picked on its own.
+    if device.type == "cuda" and _triton_unavailable_reason(device) is None:
+        return "triton"
+    return "torch"
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure-PyTorch implementation, chunked over rows
+
+
+def _rows_per_chunk(vocab: int, chunk_bytes: int) -> int:
+    return max(1, chunk_bytes // (4 * vocab))
+
+
+class _ChunkWorkspace:
+    """[rows per chunk, V] buffers allocated once per call and reused by every chunk.
+
+    Allocating per chunk instead lets glibc's heap keep and fragment the freed blocks: a loop of
+    24 [262, 32000] fp32 matmuls peaked at 269 MiB RSS with fresh outputs and at 45 MiB with one
+    reused output (this 2-core CPU, torch 2.13, 2026-11-23).
+    """
+
+    def __init__(self, rows: int, weight: torch.Tensor, *, with_tanh: bool) -> None:
+        shape, device = (rows, weight.shape[0]), weight.device
+        self.logits = torch.empty(shape, dtype=torch.float32, device=device)
+        """fp32 logits, then softmax, then dL/dlogits."""
+        self.capped = torch.empty(shape, dtype=torch.float32, device=device) if with_tanh else None
+        """Backward with soft-capping: the final logits while `logits` holds tanh."""
+        low_precision = weight.dtype != torch.float32
+        self.low_precision = (
+            torch.empty(shape, dtype=weight.dtype, device=device) if low_precision else None
+        )
+        """Non-fp32 inputs: the matmul's output, then dL/dlogits cast for the dH matmul."""
+
+
+def _chunk_logits(
+    hidden_chunk: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: LinearLogprobsOptions,
+    work: _ChunkWorkspace,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits [rows, V] of one row chunk after bias, soft-capping and temperature.
+
+    When `work` has a `capped` buffer (backward with soft-capping), also returns tanh(z_raw / c)
+    [rows, V] fp32 for the chain rule; otherwise the second value is None. Both are views of the
+    workspace, overwritten by the next chunk.
+    """
+    rows = hidden_chunk.shape[0]
+    logits = work.logits[:rows]
+    # The same (addmm) product as a plain PyTorch head, in the inputs' dtype; the rest is fp32.
+    product = logits if work.low_precision is None else work.low_precision[:rows]
+    if bias is None:
+        torch.mm(hidden_chunk, weight.T, out=product)
+    else:
+        torch.addmm(bias, hidden_chunk, weight.T, out=product)
+    if product is not logits:
+        logits.copy_(product)
+    scale = 1.0 / options.temperature
+    if options.softcap is None:
+        if scale != 1.0:
+            logits.mul_(scale)
+        return logits, None
+    tanh = logits.div_(options.softcap).tanh_()
+    if work.capped is None:
+        return tanh.mul_(options.softcap * scale), None
+    return torch.mul(tanh, options.softcap * scale, out=work.capped[:rows]), tanh
+
+
+def _torch_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    safe_targets: torch.Tensor,
+    options: LinearLogprobsOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target logits [N] fp32 and log-sum-exp [N] fp32 (unmasked), chunk by chunk."""
+    rows = hidden.shape[0]
+    target_logits = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    step = _rows_per_chunk(weight.shape[0], options.chunk_bytes)
+    work = _ChunkWorkspace(min(step, rows), weight, with_tanh=False)
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        logits, _ = _chunk_logits(hidden[start:end], weight, bias, options, work)
+        torch.gather(logits, 1, safe_targets[start:end, None], out=target_logits[start:end, None])
+        # logsumexp in place (torch.logsumexp would allocate another [rows, V] temporary).
+        row_max = logits.amax(dim=1)
+        sum_exp = logits.sub_(row_max[:, None]).exp_().sum(dim=1)
+        torch.add(row_max, sum_exp.log_(), out=lse[start:end])
+    return target_logits, lse
+
+
+def _torch_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    safe_targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_target: torch.Tensor,
+    grad_softmax: torch.Tensor,
+    options: LinearLogprobsOptions,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dH, dW, db) in the inputs' dtype, each None unless `needs` asks for it.
+
+    dL/dz[i, v] = grad_target[i] * [v == t[i]] + grad_softmax[i] * p[i, v]; both [N] fp32 and
+    zero on ignored rows.
+    """
+    need_hidden, need_weight, need_bias = needs
+    rows, dtype, device = hidden.shape[0], hidden.dtype, hidden.device
+    vocab = weight.shape[0]
+    step = _rows_per_chunk(vocab, options.chunk_bytes)
+    work = _ChunkWorkspace(min(step, rows), weight, with_tanh=options.softcap is not None)
+    grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=device) if need_hidden else None
+    # dW always accumulates in fp32, from the fp32 dL/dlogits: chunks add up without rounding.
+    grad_weight = None
+    if need_weight:
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
+    # The temperature's 1/T factor of the chain rule, folded into the per-row coefficients.
+    scale = 1.0 / options.temperature
+    grad_target = grad_target * scale
+    grad_softmax = grad_softmax * scale
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        hidden_chunk = hidden[start:end]
+        logits, tanh = _chunk_logits(hidden_chunk, weight, bias, options, work)
+        grad_logits = logits.sub_(lse[start:end, None]).exp_()  # softmax p, in place
+        grad_logits.mul_(grad_softmax[start:end, None])
+        grad_logits.scatter_add_(1, safe_targets[start:end, None], grad_target[start:end, None])
+        if tanh is not None:  # d(c * tanh(x / c))/dx = 1 - tanh^2: G -= G * tanh^2
+            grad_logits.addcmul_(grad_logits, tanh.square_(), value=-1.0)
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.T, hidden_chunk.float())
+        if grad_hidden is not None:
+            if work.low_precision is not None:  # the same-dtype matmul a PyTorch head would do
+                grad_logits = work.low_precision[: end - start].copy_(grad_logits)
+            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd
+
+
+def _triton_kernels():
+    from fastdpo.kernels import linear_logprobs as kernels
+
+    return kernels
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], bias [V] | None, targets [N], options) -> (logp, lse).
+
+    Both outputs are [N] fp32 and 0 on ignored rows; `lse` is the log-sum-exp of the final
+    (capped, tempered) logits. Saves the inputs and the unmasked lse; recomputes logits in
+    backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, options: LinearLogprobsOptions):
+        valid = targets != options.ignore_index
+        # Clamped so that a bad target that slipped past the async check never indexes out of
+        # bounds (the check still reports it).
+        safe_targets = torch.where(valid, targets, 0).clamp_(0, weight.shape[0] - 1)
+        if options.impl == "triton":
+            target_logits, lse = _triton_kernels().linear_logprobs_forward(
+                hidden,
+                weight,
+                bias,
+                safe_targets,
+                softcap=options.softcap,
+                temperature=options.temperature,
+            )
+        else:
+            target_logits, lse = _torch_forward(hidden, weight, bias, safe_targets, options)
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        logp = torch.where(valid, target_logits - lse, zero)
+        masked_lse = torch.where(valid, lse, zero)
+        ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse)
+        ctx.options = options
+        return logp, masked_lse
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_lse):
+        hidden, weight, bias, safe_targets, valid, lse = ctx.saved_tensors
+        options: LinearLogprobsOptions = ctx.options
+        needs = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        )
+        if not any(needs):
+            return None, None, None, None, None
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_target = torch.where(valid, grad_logp.float(), zero)
+        grad_softmax = torch.where(valid, grad_lse.float() - grad_logp.float(), zero)
+        if options.impl == "triton":
+            grads = _triton_kernels().linear_logprobs_backward(
+                hidden,
+                weight,
+                bias,
+                safe_targets,
+                lse,
+                grad_target,
+                grad_softmax,
+                softcap=options.softcap,
+                temperature=options.temperature,
+                need_hidden=needs[0],
+                need_weight=needs[1],
+                need_bias=needs[2],
+            )
+        else:
+            grads = _torch_backward(
+                hidden,
+                weight,
+                bias,
+                safe_targets,
+                lse,
+                grad_target,
+                grad_softmax,
+                options,
+                needs,
+            )
+        grad_hidden, grad_weight, grad_bias = grads
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Public function
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_lse: bool = False,
+    impl: Impl = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of `targets` under the head `weight` (and `bias`), never building logits.
+
+    Args:
+        hidden: [..., H] bf16/fp16/fp32 hidden states (usually [N, H], completion tokens only).
+        weight: [V, H] head weight, same dtype and device as `hidden`.
+        targets: [...] int64/int32 target ids in [0, V), or `ignore_index`.
+        bias: optional [V] head bias, same dtype as `hidden`.
+        softcap: Gemma-2 style soft-capping constant c (logits -> c * tanh(logits / c)) applied
+            after the bias and before the temperature; None for none.
+        temperature: the (capped) logits are divided by it before the softmax.
+        ignore_index: rows with this target give 0 (logp and lse) and receive no gradient.
+        return_lse: also return the log-sum-exp of the final logits.
+        impl: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1), "torch" (pure PyTorch,
+            chunked over rows) or "auto" (triton on CUDA, torch elsewhere).
+
+    Returns:
+        logp: [...] fp32; with `return_lse`, also lse: [...] fp32.
+
+    Target ids outside [0, V) are checked on the device (no host sync on accelerators: a CUDA
+    error surfaces at the next sync); `check_targets` gives a precise message where data is built.
+    """
+    _validate(hidden, weight, targets, bias, softcap, temperature)
+    resolved = _resolve_impl(impl, hidden.device)
+    logger.debug(
+        "linear_logprobs: impl=%s (asked %s), hidden %s %s, vocab %d",
+        resolved,
+        impl,
+        tuple(hidden.shape),
+        hidden.dtype,
+        weight.shape[0],
+    )
+    vocab, width = weight.shape
+    _assert_targets_on_device(targets, vocab, ignore_index)
+    options = LinearLogprobsOptions(
+        softcap=None if softcap is None else float(softcap),
+        temperature=float(temperature),
+        ignore_index=int(ignore_index),
+        impl=resolved,
+        chunk_bytes=DEFAULT_CHUNK_BYTES,  # read at call time so it can be tuned per process
+    )
+    lead_shape = targets.shape
+    logp, lse = LinearLogprobsFunction.apply(
+        hidden.reshape(-1, width), weight, bias, targets.reshape(-1), options
+    )
+    logp = logp.reshape(lead_shape)
+    if return_lse:
+        return logp, lse.reshape(lead_shape)
+    return logp

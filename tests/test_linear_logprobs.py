@@ -1,0 +1,468 @@
+"""fastdpo.linear_logprobs against a float64 full-logits reference, for both implementations.
+
+The "triton" impl runs under TRITON_INTERPRET=1 here (tests/conftest.py), so its CPU cases use
+tiny shapes; `gpu` tests repeat the checks at realistic shapes on CUDA, bf16 included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastdpo.ops import linear_logprobs as op_module
+from fastdpo.ops.linear_logprobs import check_targets, linear_logprobs
+
+IGNORE = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    rows: int
+    width: int
+    vocab: int
+    bias: bool = False
+    softcap: float | None = None
+    temperature: float = 1.0
+    lse_grad: bool = False
+    """Also backpropagate through the returned log-sum-exp."""
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    """Random hidden [N, H], weight [V, H], bias [V] | None, targets [N] (1 in 6 ignored)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(case.rows, case.width, generator=gen)
+    # Logits with a standard deviation of about 3, so soft-capping at 4 bites.
+    weight = torch.randn(case.vocab, case.width, generator=gen) * (3.0 / case.width**0.5)
+    bias = torch.randn(case.vocab, generator=gen) if case.bias else None
+    targets = torch.randint(0, case.vocab, (case.rows,), generator=gen)
+    targets[3::6] = IGNORE
+    targets[0] = case.vocab - 1  # the last column, in the last (partial) vocabulary tile
+    grad_logp = torch.randn(case.rows, generator=gen)
+    grad_lse = torch.randn(case.rows, generator=gen) if case.lse_grad else None
+    to = {"device": device, "dtype": dtype}
+    return (
+        hidden.to(**to),
+        weight.to(**to),
+        None if bias is None else bias.to(**to),
+        targets.to(device),
+        grad_logp.to(device),
+        None if grad_lse is None else grad_lse.to(device),
+    )
+
+
+def naive_logprobs(hidden, weight, targets, bias, case: Case, compute_dtype=torch.float64):
+    """Full logits: the reference (float64) or the plain low-precision PyTorch path."""
+    if compute_dtype == torch.float64:
+        hidden, weight = hidden.double(), weight.double()
+        bias = None if bias is None else bias.double()
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    if compute_dtype == torch.float64:
+        logits = logits.double()
+    if case.softcap is not None:
+        logits = case.softcap * torch.tanh(logits / case.softcap)
+    logits = logits / case.temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    valid = targets != IGNORE
+    target_logits = logits.gather(-1, torch.where(valid, targets, 0)[:, None]).squeeze(-1)
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    return torch.where(valid, target_logits - lse, zero), torch.where(valid, lse, zero)
+
+
+def run(fn, case: Case, dtype, *, device="cpu", requires=(True, True, True), upcast=False):
+    """Values (logp, lse) and gradients {name: grad} of `fn` on the case's inputs.
+
+    With `upcast`, the inputs (made in `dtype`) become float64 leaves, so the reference's
+    gradients are not rounded back to `dtype`.
+    """
+    hidden, weight, bias, targets, grad_logp, grad_lse = make_inputs(case, dtype, device)
+    if upcast:
+        hidden, weight = hidden.double(), weight.double()
+        bias = None if bias is None else bias.double()
+    leaves = {"hidden": hidden, "weight": weight, "bias": bias}
+    for leaf, wanted in zip(leaves.values(), requires, strict=True):
+        if leaf is not None:
+            leaf.requires_grad_(wanted)
+    logp, lse = fn(hidden, weight, targets, bias)
+    loss = (logp.double() * grad_logp.double()).sum()
+    if grad_lse is not None:
+        loss = loss + (lse.double() * grad_lse.double()).sum()
+    with_grad = {n: t for n, t in leaves.items() if t is not None and t.requires_grad}
+    grads = torch.autograd.grad(loss, list(with_grad.values())) if with_grad else ()
+    return logp.detach(), lse.detach(), dict(zip(with_grad, grads, strict=True)), targets
+
+
+def fused(impl):
+    def fn(hidden, weight, targets, bias, case):
+        return linear_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            softcap=case.softcap,
+            temperature=case.temperature,
+            ignore_index=IGNORE,
+            return_lse=True,
+            impl=impl,
+        )
+
+    return fn
+
+
+def errors(case: Case, dtype, impl, *, device="cpu", requires=(True, True, True)):
+    """Scaled max errors of the fused op and of the same-dtype naive path vs float64.
+
+    Returns {output: (fused_error, naive_error)} with outputs logp, lse and each gradient; an
+    error is max |x - ref| / max |ref|, both computed on the same low-precision inputs.
+    """
+    results = {}
+    for name, fn in (
+        ("ref", lambda h, w, t, b: naive_logprobs(h, w, t, b, case)),
+        ("fused", lambda h, w, t, b: fused(impl)(h, w, t, b, case)),
+        ("naive", lambda h, w, t, b: naive_logprobs(h, w, t, b, case, compute_dtype=dtype)),
+    ):
+        logp, lse, grads, _ = run(
+            fn, case, dtype, device=device, requires=requires, upcast=name == "ref"
+        )
+        results[name] = {"logp": logp, "lse": lse, **grads}
+    out = {}
+    for key, ref in results["ref"].items():
+        scale = ref.double().abs().max().clamp_min(1e-30)
+
+        def err(x, ref=ref, scale=scale):
+            return ((x.double() - ref.double()).abs().max() / scale).item()
+
+        out[key] = (err(results["fused"][key]), err(results["naive"][key]))
+    return out
+
+
+# Shapes: awkward sizes (not multiples of any block), several tiles per dimension.
+TORCH_CASES = [
+    Case(37, 48, 1001),
+    Case(37, 48, 1001, bias=True, softcap=4.0, temperature=0.7, lse_grad=True),
+    Case(64, 32, 257, softcap=4.0),
+    Case(5, 17, 3001, bias=True, temperature=1.5),
+    Case(1, 8, 3, lse_grad=True),
+]
+# The interpreter is slow: few, tiny cases that still cover every feature and masked edges.
+TRITON_CASES = [
+    Case(37, 48, 1001, bias=True, softcap=4.0, temperature=0.7, lse_grad=True),
+    Case(20, 40, 203),
+    Case(3, 64, 130, bias=True, lse_grad=True),
+]
+
+FP32_TOL = 2e-5
+
+
+def case_id(case: Case) -> str:
+    flags = [f"{case.rows}x{case.width}x{case.vocab}"]
+    flags += ["bias"] if case.bias else []
+    flags += [f"cap{case.softcap}"] if case.softcap else []
+    flags += [f"T{case.temperature}"] if case.temperature != 1.0 else []
+    flags += ["dlse"] if case.lse_grad else []
+    return "-".join(flags)
+
+
+def check_fp32(case: Case, impl: str, device: str = "cpu", requires=(True, True, True)):
+    errs = errors(case, torch.float32, impl, device=device, requires=requires)
+    for key, (fused_err, _) in errs.items():
+        assert fused_err < FP32_TOL, f"{impl} {key}: scaled error {fused_err:.2e}"
+    return errs
+
+
+def check_low_precision(case: Case, dtype, impl: str, device: str = "cpu", factor: float = 2.0):
+    errs = errors(case, dtype, impl, device=device)
+    for key, (fused_err, naive_err) in errs.items():
+        # A floor for outputs where the naive path happens to be almost exact.
+        bound = factor * naive_err + 1e-3 * torch.finfo(dtype).eps
+        assert fused_err <= bound, (
+            f"{impl} {dtype} {key}: error {fused_err:.2e} vs naive {naive_err:.2e}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Values and gradients
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=case_id)
+def test_torch_impl_matches_float64(case):
+    check_fp32(case, "torch")
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
+def test_triton_impl_matches_float64(case):
+    check_fp32(case, "triton")
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_impl_several_chunks(monkeypatch, chunk_rows, dtype):
+    """Several row chunks (the last one partial) accumulate the same gradients."""
+    case = TORCH_CASES[1]
+    monkeypatch.setattr(op_module, "DEFAULT_CHUNK_BYTES", chunk_rows * 4 * case.vocab)
+    if dtype == torch.float32:
+        check_fp32(case, "torch")
+    else:
+        check_low_precision(case, dtype, "torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", TORCH_CASES[:4], ids=case_id)
+def test_torch_impl_low_precision(case, dtype):
+    check_low_precision(case, dtype, "torch")
+
+
+def test_triton_impl_fp16():
+    # bf16 is garbage under the interpreter (raw bits in tl.dot): see test_gpu_* for bf16.
+    case = Case(37, 48, 300, bias=True, softcap=4.0, temperature=0.7, lse_grad=True)
+    check_low_precision(case, torch.float16, "triton")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "requires", [(True, False, False), (False, True, False), (False, False, True)]
+)
+def test_partial_requires_grad(impl, requires):
+    case = Case(21, 24, 150, bias=True, softcap=4.0, temperature=0.8)
+    errs = check_fp32(case, impl, requires=requires)
+    wanted = {n for n, r in zip(("hidden", "weight", "bias"), requires, strict=True) if r}
+    assert set(errs) - {"logp", "lse"} == wanted
+
+
+def test_frozen_head_skips_weight_kernel(monkeypatch):
+    """With only hidden requiring grad (LoRA), the dW/db kernel never launches."""
+    from fastdpo.kernels import linear_logprobs as kernels
+
+    class Forbidden:
+        def __getitem__(self, grid):
+            raise AssertionError("dW kernel launched for a frozen head")
+
+    monkeypatch.setattr(kernels, "_linear_logprobs_bwd_weight_kernel", Forbidden())
+    check_fp32(Case(9, 16, 70), "triton", requires=(True, False, False))
+
+
+def test_no_input_requires_grad_gives_plain_tensors():
+    hidden, weight, _, targets, _, _ = make_inputs(Case(4, 8, 10), torch.float32)
+    logp = linear_logprobs(hidden, weight, targets, impl="torch")
+    assert logp.dtype == torch.float32 and logp.shape == (4,) and not logp.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# Ignored rows, shapes, options
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_ignored_rows_are_zero_with_no_gradient(impl):
+    case = Case(13, 16, 90, bias=True, lse_grad=True)
+    logp, lse, grads, targets = run(
+        lambda h, w, t, b: fused(impl)(h, w, t, b, case), case, torch.float32
+    )
+    ignored = targets == IGNORE
+    assert ignored.sum() >= 2
+    assert torch.equal(logp[ignored], torch.zeros_like(logp[ignored]))
+    assert torch.equal(lse[ignored], torch.zeros_like(lse[ignored]))
+    assert torch.equal(grads["hidden"][ignored], torch.zeros_like(grads["hidden"][ignored]))
+    assert (logp[~ignored] < 0).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_all_rows_ignored(impl):
+    hidden, weight, bias, _, _, _ = make_inputs(Case(6, 16, 40, bias=True), torch.float32)
+    for leaf in (hidden, weight, bias):
+        leaf.requires_grad_()
+    targets = torch.full((6,), IGNORE)
+    logp = linear_logprobs(hidden, weight, targets, bias=bias, impl=impl)
+    logp.sum().backward()
+    assert torch.equal(logp, torch.zeros(6))
+    for leaf in (hidden, weight, bias):
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
+def test_leading_dims_and_int32_targets():
+    case = Case(12, 16, 50, softcap=4.0)
+    hidden, weight, _, targets, _, _ = make_inputs(case, torch.float32)
+    flat = linear_logprobs(hidden, weight, targets, softcap=4.0, impl="torch")
+    shaped = linear_logprobs(
+        hidden.view(3, 4, 16), weight, targets.view(3, 4).int(), softcap=4.0, impl="torch"
+    )
+    assert shaped.shape == (3, 4)
+    assert torch.equal(shaped.reshape(-1), flat)
+
+
+def test_triton_strided_hidden_and_splits():
+    """Non-contiguous hidden rows, and every V-split count, give the same values."""
+    from fastdpo.kernels import linear_logprobs as kernels
+
+    case = Case(19, 32, 200, bias=True, softcap=4.0)
+    hidden, weight, bias, targets, _, _ = make_inputs(case, torch.float32)
+    padded = torch.zeros(case.rows, 40)
+    padded[:, 3:35] = hidden
+    strided = padded[:, 3:35]
+    assert not strided.is_contiguous()
+    safe = torch.where(targets == IGNORE, 0, targets)
+    ref_logp, ref_lse = naive_logprobs(hidden, weight, targets, bias, case)
+    valid = targets != IGNORE
+    for split_v in (1, 2, 4):
+        config = dataclasses.replace(kernels.INTERPRETER_CONFIG, split_v=split_v)
+        target_logit, lse = kernels.linear_logprobs_forward(
+            strided, weight, bias, safe, softcap=4.0, temperature=1.0, config=config
+        )
+        logp = torch.where(valid, target_logit - lse, 0.0)
+        torch.testing.assert_close(logp.double(), ref_logp, rtol=0, atol=2e-5)
+        torch.testing.assert_close(lse[valid].double(), ref_lse[valid], rtol=0, atol=2e-5)
+
+
+def test_triton_weight_slabs_are_bitwise_equal():
+    """fp16 dW goes through vocabulary slabs; slab boundaries must not change a single bit."""
+    from fastdpo.kernels import linear_logprobs as kernels
+
+    case = Case(19, 32, 200, bias=True, softcap=4.0, temperature=0.8)
+    hidden, weight, bias, targets, grad_logp, _ = make_inputs(case, torch.float16)
+    safe = torch.where(targets == IGNORE, 0, targets)
+    _, lse = kernels.linear_logprobs_forward(
+        hidden, weight, bias, safe, softcap=4.0, temperature=0.8
+    )
+    grad_target = torch.where(targets == IGNORE, 0.0, grad_logp)
+    results = []
+    for slab_tiles in (1, 3, None):  # 4 tiles of 64: slabs of 1, 3 (+1) and all
+        config = dataclasses.replace(kernels.INTERPRETER_CONFIG, weight_slab_tiles=slab_tiles)
+        results.append(
+            kernels.linear_logprobs_backward(
+                hidden, weight, bias, safe, lse, grad_target, -grad_target,
+                softcap=4.0, temperature=0.8, need_hidden=False, need_weight=True,
+                need_bias=True, config=config,
+            )
+        )  # fmt: skip
+    for _, grad_weight, grad_bias in results[1:]:
+        assert torch.equal(grad_weight, results[0][1])
+        assert torch.equal(grad_bias, results[0][2])
+
+
+def test_auto_picks_torch_on_cpu(caplog):
+    hidden, weight, _, targets, _, _ = make_inputs(Case(4, 8, 10), torch.float32)
+    with caplog.at_level("DEBUG", logger="fastdpo.ops.linear_logprobs"):
+        linear_logprobs(hidden, weight, targets)
+    assert "impl=torch" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# Determinism
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_backward_is_bitwise_deterministic(impl):
+    case = Case(37, 32, 300, bias=True, softcap=4.0, temperature=0.9, lse_grad=True)
+
+    def once():
+        return run(lambda h, w, t, b: fused(impl)(h, w, t, b, case), case, torch.float32)
+
+    first, second = once(), once()
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for name in first[2]:
+        assert torch.equal(first[2][name], second[2][name]), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _good():
+    hidden, weight, bias, targets, _, _ = make_inputs(Case(6, 8, 20, bias=True), torch.float32)
+    return {"hidden": hidden, "weight": weight, "targets": targets, "bias": bias}
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"weight": torch.randn(20, 9)}, ValueError, "last dim"),
+        ({"weight": torch.randn(20)}, ValueError, r"weight must have shape \[V, H\]"),
+        ({"targets": torch.zeros(5, dtype=torch.long)}, ValueError, "leading shape"),
+        ({"targets": torch.zeros(6)}, TypeError, "integer"),
+        ({"bias": torch.randn(21)}, ValueError, "bias must have shape"),
+        ({"weight": torch.randn(20, 8, dtype=torch.float64)}, TypeError, "weight dtype"),
+        ({"hidden": torch.randn(6, 8).long()}, TypeError, "hidden must be"),
+        ({"bias": torch.randn(20).half()}, TypeError, "bias dtype"),
+        ({"weight": torch.randn(20, 8, device="meta")}, ValueError, "weight is on meta"),
+        ({"targets": torch.tensor([0, 1, 2, 20, 4, 5])}, ValueError, "position 3: 20"),
+        ({"targets": torch.tensor([0, -1, 2, 3, 4, 5])}, ValueError, "position 1: -1"),
+        ({"softcap": 0.0}, ValueError, "softcap"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"impl": "cuda"}, ValueError, "impl must be one of"),
+    ],
+)
+def test_bad_input_is_a_clear_error(change, error, match):
+    kwargs = {**_good(), **change}
+    with pytest.raises(error, match=match):
+        linear_logprobs(**kwargs)
+
+
+def test_triton_impl_unavailable_says_what_to_do():
+    with pytest.raises(RuntimeError, match="impl='torch'"):
+        op_module._resolve_impl("triton", torch.device("meta"))
+
+
+def test_check_targets():
+    check_targets(torch.tensor([0, 19, IGNORE]), 20, IGNORE)
+    with pytest.raises(ValueError, match="2 value"):
+        check_targets(torch.tensor([0, 20, -5, IGNORE]), 20, IGNORE)
+    with pytest.raises(TypeError, match="integer"):
+        check_targets(torch.tensor([0.0]), 20)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the same checks at realistic shapes (skipped without CUDA)
+
+GPU_CASES = [
+    Case(4096, 1024, 32003, bias=True, softcap=30.0, temperature=0.7, lse_grad=True),
+    Case(333, 2048, 50257),  # few rows: the V-split path
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_gpu_fp32(case, impl):
+    check_fp32(case, impl, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_gpu_low_precision(case, impl, dtype):
+    check_low_precision(case, dtype, impl, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "requires", [(True, False, False), (False, True, False), (False, False, True)]
+)
+def test_gpu_partial_requires_grad(requires):
+    check_fp32(Case(1000, 512, 10007, bias=True, softcap=30.0), "triton", "cuda", requires)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_bitwise_deterministic():
+    case = GPU_CASES[0]
+
+    def once():
+        return run(
+            lambda h, w, t, b: fused("triton")(h, w, t, b, case),
+            case,
+            torch.bfloat16,
+            device="cuda",
+        )
+
+    first, second = once(), once()
+    assert torch.equal(first[0], second[0])
+    for name in first[2]:
+        assert torch.equal(first[2][name], second[2][name]), name
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton(caplog):
+    hidden, weight, _, targets, _, _ = make_inputs(Case(64, 64, 1000), torch.bfloat16, "cuda")
+    with caplog.at_level("DEBUG", logger="fastdpo.ops.linear_logprobs"):
+        linear_logprobs(hidden, weight, targets)
+    assert "impl=triton" in caplog.text
