@@ -1,0 +1,459 @@
+"""fastdpo.losses: every loss against its formula written out here in float64, gradients,
+known values, TRL's metric semantics, the registry, and error messages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastdpo import losses
+from fastdpo.losses import LOSSES, RunningMean, preference_loss, register_loss
+
+F64 = torch.float64
+BETA = 0.3
+
+
+def _sig(x):
+    return 1.0 / (1.0 + torch.exp(-x))
+
+
+def _logsig(x):
+    return torch.log(_sig(x))
+
+
+def make_batch(num_pairs: int = 6, *, requires_grad: bool = False, seed: int = 0):
+    """Random summed log-probs (negative, typical magnitudes) and completion lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths_c = torch.randint(1, 30, (num_pairs,), generator=g)
+    lengths_r = torch.randint(1, 30, (num_pairs,), generator=g)
+    per_token = lambda n: -(0.2 + 2.0 * torch.rand(num_pairs, generator=g, dtype=F64)) * n  # noqa: E731
+    pc, pr = per_token(lengths_c), per_token(lengths_r)
+    rc = pc + torch.randn(num_pairs, generator=g, dtype=F64) * 3
+    rr = pr + torch.randn(num_pairs, generator=g, dtype=F64) * 3
+    if requires_grad:
+        pc.requires_grad_(True)
+        pr.requires_grad_(True)
+    return dict(pc=pc, pr=pr, rc=rc, rr=rr, lc=lengths_c, lr=lengths_r)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference formulas, float64, written from the papers (per pair, then the batch mean)
+
+
+def ref_loss(name: str, b: dict, beta: float, **p) -> torch.Tensor:
+    pc, pr, rc, rr = b["pc"], b["pr"], b["rc"], b["rr"]
+    lc, lr = b["lc"].to(F64).clamp(min=1), b["lr"].to(F64).clamp(min=1)
+    rho_c, rho_r = pc - rc, pr - rr
+    m = rho_c - rho_r
+    z = beta * m
+    eps = p.get("label_smoothing", 0.0)
+    if name == "sigmoid":
+        return (-(1 - eps) * _logsig(z) - eps * _logsig(-z)).mean()
+    if name == "robust":
+        return ((-(1 - eps) * _logsig(z) + eps * _logsig(-z)) / (1 - 2 * eps)).mean()
+    if name == "hinge":
+        return torch.clamp(1 - z, min=0).mean()
+    if name == "ipo":
+        m_avg = (pc / lc - pr / lr) - (rc / lc - rr / lr)
+        return ((m_avg - 1 / (2 * beta)) ** 2).mean()
+    if name == "exo_pair":
+        eps = p.get("label_smoothing", 1e-3)
+        p_w, p_l = _sig(z), _sig(-z)
+        return (p_w * torch.log(p_w / (1 - eps)) + p_l * torch.log(p_l / eps)).mean()
+    if name == "nca_pair":
+        r_c, r_r = beta * rho_c, beta * rho_r
+        return (-_logsig(r_c) - 0.5 * _logsig(-r_c) - 0.5 * _logsig(-r_r)).mean()
+    if name == "bco_pair":
+        delta = beta * torch.cat([rho_c, rho_r]).mean()  # first step: mean of this batch
+        return (-_logsig(beta * rho_c - delta) - _logsig(-(beta * rho_r - delta))).mean()
+    if name == "sppo_hard":
+        return ((rho_c - 1 / (2 * beta)) ** 2 + (rho_r + 1 / (2 * beta)) ** 2).mean()
+    if name in ("aot", "aot_unpaired"):
+        if name == "aot":
+            a, c = sorted((pc - pr).tolist()), sorted((rc - rr).tolist())
+        else:
+            a, c = sorted(rho_c.tolist()), sorted(rho_r.tolist())
+        d = beta * (torch.tensor(a, dtype=F64) - torch.tensor(c, dtype=F64))
+        return (-(1 - eps) * _logsig(d) - eps * _logsig(-d)).mean()
+    if name == "apo_zero":
+        return (1 - _sig(beta * rho_c) + _sig(beta * rho_r)).mean()
+    if name == "apo_down":
+        return (_sig(beta * rho_c) + 1 - _sig(beta * (rho_c - rho_r))).mean()
+    if name == "discopop":
+        tau = p.get("tau", 0.05)
+        w = _sig(z / tau)
+        return ((1 - w) * -_logsig(z) + w * torch.exp(-z)).mean()
+    if name == "simpo":
+        gamma = p.get("gamma", 0.5)
+        return (-_logsig(beta * (pc / lc - pr / lr) - gamma)).mean()
+    if name == "orpo":
+        ac, ar = pc / lc, pr / lr
+        odds = lambda a: torch.log(torch.exp(a) / (1 - torch.exp(a)))  # noqa: E731
+        nll = -pc.sum() / b["lc"].sum()
+        return nll - beta * _logsig(odds(ac) - odds(ar)).mean()
+    if name == "sft":
+        return -pc.sum() / b["lc"].sum()
+    raise KeyError(name)
+
+
+PAIRED_CASES = [
+    ("sigmoid", {}),
+    ("sigmoid", {"label_smoothing": 0.2}),
+    ("robust", {"label_smoothing": 0.1}),
+    ("hinge", {}),
+    ("ipo", {}),
+    ("exo_pair", {}),
+    ("exo_pair", {"label_smoothing": 0.05}),
+    ("nca_pair", {}),
+    ("bco_pair", {}),
+    ("sppo_hard", {}),
+    ("aot", {}),
+    ("aot", {"label_smoothing": 0.1}),
+    ("aot_unpaired", {}),
+    ("apo_zero", {}),
+    ("apo_down", {}),
+    ("discopop", {}),
+    ("discopop", {"tau": 0.5}),
+    ("simpo", {}),
+    ("simpo", {"gamma": 1.3}),
+    ("orpo", {}),
+    ("sft", {}),
+]
+
+
+def _call(name, b, beta=BETA, **params):
+    return preference_loss(
+        b["pc"],
+        b["pr"],
+        b["rc"],
+        b["rr"],
+        loss=name,
+        beta=beta,
+        chosen_lengths=b["lc"],
+        rejected_lengths=b["lr"],
+        **params,
+    )
+
+
+def test_every_registered_builtin_is_covered():
+    covered = {name for name, _ in PAIRED_CASES} | {"kto"}
+    assert covered == set(LOSSES)
+
+
+@pytest.mark.parametrize(("name", "params"), PAIRED_CASES)
+def test_loss_matches_float64_formula(name, params):
+    b = make_batch()
+    # The hinge is flat beyond its margin: a small beta keeps every pair on the sloped side.
+    beta = 0.01 if name == "hinge" else BETA
+    loss, metrics = _call(name, b, beta=beta, **params)
+    expected = ref_loss(name, b, beta, **params)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(metrics[f"loss/{name}"], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "params"), PAIRED_CASES)
+def test_loss_gradcheck_float64(name, params):
+    b = make_batch(num_pairs=4, requires_grad=True, seed=1)
+    beta = 0.01 if name == "hinge" else BETA
+    if name == "bco_pair":
+        # delta is detached by design, but the batch moves it, which finite differences would
+        # see: a state holding ~1e15 earlier rewards pins it.
+        big = torch.tensor(1e15, dtype=F64)
+        params = {"bco_state": RunningMean(mean=torch.tensor(0.3, dtype=F64), count=big)}
+
+    def fn(pc, pr):
+        return preference_loss(
+            pc,
+            pr,
+            b["rc"],
+            b["rr"],
+            loss=name,
+            beta=beta,
+            chosen_lengths=b["lc"],
+            rejected_lengths=b["lr"],
+            **params,
+        )[0]
+
+    assert torch.autograd.gradcheck(fn, (b["pc"], b["pr"]))
+
+
+def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
+    b = make_batch()
+    loss, metrics = preference_loss(b["pc"], b["pr"], b["pc"].clone(), b["pr"].clone())
+    torch.testing.assert_close(loss, torch.tensor(math.log(2.0), dtype=F64))
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert metrics[key].item() == 0.0, key
+
+
+def test_robust_with_zero_smoothing_is_sigmoid():
+    b = make_batch()
+    torch.testing.assert_close(_call("robust", b)[0], _call("sigmoid", b)[0], rtol=0, atol=0)
+
+
+def test_simpo_gamma_zero_and_length_normalization():
+    b = make_batch()
+    loss, _ = _call("simpo", b, gamma=0.0)
+    expected = -_logsig(BETA * (b["pc"] / b["lc"] - b["pr"] / b["lr"])).mean()
+    torch.testing.assert_close(loss, expected)
+    # Doubling a completion (twice the tokens, twice the summed log-prob) keeps its average.
+    doubled = dict(b, pc=2 * b["pc"], lc=2 * b["lc"])
+    torch.testing.assert_close(_call("simpo", doubled, gamma=0.0)[0], loss)
+    # ...which the sum-based DPO loss does not.
+    assert not torch.allclose(_call("sigmoid", doubled)[0], _call("sigmoid", b)[0])
+
+
+def test_aot_with_one_pair_is_sigmoid():
+    b = make_batch(num_pairs=1)
+    torch.testing.assert_close(_call("aot", b)[0], _call("sigmoid", b)[0])
+    torch.testing.assert_close(_call("aot_unpaired", b)[0], _call("sigmoid", b)[0])
+
+
+def test_combination_weights_add_up():
+    b = make_batch()
+    loss, metrics = _call({"sigmoid": 1.0, "sft": 0.25, "hinge": 2.0}, b)
+    parts = {name: _call(name, b)[0] for name in ("sigmoid", "sft", "hinge")}
+    expected = parts["sigmoid"] + 0.25 * parts["sft"] + 2.0 * parts["hinge"]
+    torch.testing.assert_close(loss, expected)
+    for name, value in parts.items():
+        torch.testing.assert_close(metrics[f"loss/{name}"], value)
+    torch.testing.assert_close(metrics["nll_loss"], parts["sft"])
+    # The first entry defines the rewards: sigmoid's, not sft's (which has no reference term).
+    torch.testing.assert_close(metrics["rewards/chosen"], _call("sigmoid", b)[1]["rewards/chosen"])
+
+
+def test_parameters_route_to_the_losses_that_take_them():
+    b = make_batch()
+    loss, _ = _call({"robust": 1.0, "simpo": 0.5}, b, label_smoothing=0.2, gamma=0.7)
+    expected = _call("robust", b, label_smoothing=0.2)[0] + 0.5 * _call("simpo", b, gamma=0.7)[0]
+    torch.testing.assert_close(loss, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_metrics_follow_trl_definitions():
+    b = make_batch(requires_grad=True)
+    _, metrics = _call("sigmoid", b)
+    with torch.no_grad():
+        chosen = BETA * (b["pc"] - b["rc"])
+        rejected = BETA * (b["pr"] - b["rr"])
+        expected = {
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/accuracies": (chosen > rejected).to(F64).mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "logps/chosen": b["pc"].mean(),
+            "logps/rejected": b["pr"].mean(),
+        }
+    for key, value in expected.items():
+        torch.testing.assert_close(metrics[key], value, msg=key)
+    for key, value in metrics.items():
+        assert isinstance(value, torch.Tensor) and value.dim() == 0, key
+        assert not value.requires_grad, key
+
+
+def test_metrics_of_length_normalized_and_reference_free_losses():
+    b = make_batch()
+    _, ipo_metrics = _call("ipo", b)
+    torch.testing.assert_close(
+        ipo_metrics["rewards/chosen"], (BETA * (b["pc"] - b["rc"]) / b["lc"]).mean()
+    )
+    _, simpo_metrics = _call("simpo", b)
+    torch.testing.assert_close(simpo_metrics["rewards/rejected"], (BETA * b["pr"] / b["lr"]).mean())
+    # logps/* stay summed over tokens whatever the loss.
+    torch.testing.assert_close(simpo_metrics["logps/chosen"], b["pc"].mean())
+
+
+def test_orpo_metrics_and_reference_free_call():
+    b = make_batch()
+    loss, metrics = preference_loss(
+        b["pc"], b["pr"], loss="orpo", beta=BETA, chosen_lengths=b["lc"], rejected_lengths=b["lr"]
+    )
+    torch.testing.assert_close(loss, ref_loss("orpo", b, BETA))
+    torch.testing.assert_close(metrics["nll_loss"], -b["pc"].sum() / b["lc"].sum())
+    assert {"log_odds_ratio", "log_odds_chosen"} <= set(metrics)
+
+
+def test_empty_completion_is_finite():
+    b = make_batch()
+    b["lc"][0] = 0
+    b["pc"][0] = 0.0
+    for name in ("ipo", "simpo", "orpo", "sft"):
+        loss, metrics = _call(name, b)
+        assert torch.isfinite(loss), name
+        assert all(torch.isfinite(v) for v in metrics.values()), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Stateful and unpaired losses
+
+
+def test_bco_running_mean_is_explicit_state():
+    b1, b2 = make_batch(seed=3), make_batch(num_pairs=4, seed=4)
+    _, m1 = _call("bco_pair", b1)
+    state = RunningMean.from_metrics(m1)
+    loss2, m2 = _call("bco_pair", b2, bco_state=state)
+    rewards = [BETA * torch.cat([b["pc"] - b["rc"], b["pr"] - b["rr"]]) for b in (b1, b2)]
+    all_rewards = torch.cat(rewards)
+    torch.testing.assert_close(m2["bco/reward_mean"], all_rewards.mean())
+    assert m2["bco/reward_count"].item() == all_rewards.numel()
+    delta = m2["bco/reward_mean"].to(F64)
+    rho_c, rho_r = b2["pc"] - b2["rc"], b2["pr"] - b2["rr"]
+    expected = (-_logsig(BETA * rho_c - delta) - _logsig(-(BETA * rho_r - delta))).mean()
+    torch.testing.assert_close(loss2, expected)
+
+
+def _kto_reference(pd, pu, rd, ru, z, beta, wd=1.0, wu=1.0):
+    z = max(z, 0.0)
+    desirable = wd * (1 - _sig(beta * ((pd - rd) - z)))
+    undesirable = wu * (1 - _sig(beta * (z - (pu - ru))))
+    return torch.cat([desirable, undesirable]).mean()
+
+
+def test_kto_unpaired_with_batch_kl_estimate():
+    g = torch.Generator().manual_seed(5)
+    pd, rd = (
+        -10 * torch.rand(5, generator=g, dtype=F64),
+        -10 * torch.rand(5, generator=g, dtype=F64),
+    )
+    pu, ru = (
+        -10 * torch.rand(3, generator=g, dtype=F64),
+        -10 * torch.rand(3, generator=g, dtype=F64),
+    )
+    kl_policy = (-10 * torch.rand(4, generator=g, dtype=F64)).requires_grad_(True)
+    kl_ref = kl_policy.detach() - 0.7  # mean KL 0.7
+    pd.requires_grad_(True)
+    loss, metrics = preference_loss(
+        pd,
+        pu,
+        rd,
+        ru,
+        loss="kto",
+        beta=BETA,
+        kl_policy_logps=kl_policy,
+        kl_ref_logps=kl_ref,
+        desirable_weight=1.5,
+        undesirable_weight=0.5,
+    )
+    expected = _kto_reference(pd, pu, rd, ru, 0.7, BETA, 1.5, 0.5)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(metrics["kl"], torch.tensor(0.7, dtype=F64))
+    assert metrics["count/chosen"].item() == 5 and metrics["count/rejected"].item() == 3
+    assert "rewards/accuracies" not in metrics
+    loss.backward()
+    assert kl_policy.grad is None  # the reference point is detached
+    # A negative estimate is clamped at zero; kl= takes a precomputed value.
+    loss_neg, m_neg = preference_loss(pd, pu, rd, ru, loss="kto", beta=BETA, kl=-1.0)
+    torch.testing.assert_close(loss_neg, _kto_reference(pd, pu, rd, ru, 0.0, BETA))
+    assert m_neg["kl"].item() == 0.0
+    # An empty group is fine.
+    empty = torch.zeros(0, dtype=F64)
+    loss_d, m_d = preference_loss(pd, empty, rd, empty, loss="kto", beta=BETA, kl=0.2)
+    torch.testing.assert_close(loss_d, _kto_reference(pd, empty, rd, empty, 0.2, BETA))
+    assert m_d["rewards/rejected"].item() == 0.0
+
+
+def test_kto_gradcheck_float64():
+    g = torch.Generator().manual_seed(6)
+    pd = (-5 * torch.rand(4, generator=g, dtype=F64)).requires_grad_(True)
+    pu = (-5 * torch.rand(3, generator=g, dtype=F64)).requires_grad_(True)
+    rd, ru = -5 * torch.rand(4, generator=g, dtype=F64), -5 * torch.rand(3, generator=g, dtype=F64)
+
+    def fn(a, b):
+        return preference_loss(a, b, rd, ru, loss="kto", beta=BETA, kl=0.3)[0]
+
+    assert torch.autograd.gradcheck(fn, (pd, pu))
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry
+
+
+@pytest.fixture
+def scratch_registry():
+    saved = dict(LOSSES)
+    yield
+    LOSSES.clear()
+    LOSSES.update(saved)
+
+
+def test_register_own_loss(scratch_registry):
+    @register_loss("shifted_dpo")
+    def shifted_dpo(x: losses.LossInputs, *, shift: float = 0.0) -> torch.Tensor:
+        return -_logsig(x.beta * x.margin() - shift).mean()
+
+    b = make_batch()
+    loss, metrics = _call("shifted_dpo", b, shift=0.0)
+    torch.testing.assert_close(loss, _call("sigmoid", b)[0])
+    assert "loss/shifted_dpo" in metrics
+    assert LOSSES["shifted_dpo"].params == ("shift",)
+    with pytest.raises(ValueError, match="already registered"):
+        register_loss("shifted_dpo")(shifted_dpo)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_unknown_loss_lists_known_ones():
+    b = make_batch()
+    with pytest.raises(ValueError, match=r"unknown loss 'dop'; known losses: .*sigmoid"):
+        _call("dop", b)
+    with pytest.raises(ValueError, match="unknown loss 'nope'"):
+        _call({"sigmoid": 1.0, "nope": 1.0}, b)
+
+
+@pytest.mark.parametrize("eps", [-0.1, 0.5, 0.7])
+@pytest.mark.parametrize("name", ["robust", "sigmoid", "aot"])
+def test_label_smoothing_outside_range(name, eps):
+    with pytest.raises(ValueError, match=rf"{name}.*label_smoothing must be in \[0, 0.5\)"):
+        _call(name, make_batch(), label_smoothing=eps)
+
+
+def test_exo_needs_positive_smoothing():
+    with pytest.raises(ValueError, match=r"exo_pair.*\(0, 0.5\)"):
+        _call("exo_pair", make_batch(), label_smoothing=0.0)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "kto", "bco_pair"])
+def test_missing_reference(name):
+    b = make_batch()
+    with pytest.raises(ValueError, match=rf"loss '{name}' needs reference log-probs"):
+        preference_loss(
+            b["pc"], b["pr"], loss=name, chosen_lengths=b["lc"], rejected_lengths=b["lr"]
+        )
+
+
+def test_missing_lengths():
+    b = make_batch()
+    with pytest.raises(ValueError, match="loss 'ipo' needs completion token counts"):
+        preference_loss(b["pc"], b["pr"], b["rc"], b["rr"], loss="ipo")
+
+
+def test_mismatched_shapes():
+    b = make_batch()
+    with pytest.raises(ValueError, match="one value per pair"):
+        preference_loss(b["pc"], b["pr"][:-1], b["rc"], b["rr"])
+    with pytest.raises(ValueError, match=r"ref_chosen has shape \(5,\), expected \(6,\)"):
+        preference_loss(b["pc"], b["pr"], b["rc"][:-1], b["rr"])
+    with pytest.raises(ValueError, match="must be 1-D"):
+        preference_loss(b["pc"][:, None], b["pr"][:, None], b["rc"], b["rr"])
+
+
+def test_other_bad_arguments():
+    b = make_batch()
+    with pytest.raises(TypeError, match=r"unknown loss parameter 'gama'.*'simpo': \['gamma'\]"):
+        _call("simpo", b, gama=1.0)
+    with pytest.raises(ValueError, match="beta must be a positive"):
+        _call("sigmoid", b, beta=0.0)
+    with pytest.raises(ValueError, match="mapping of losses to weights is empty"):
+        _call({}, b)
+    with pytest.raises(ValueError, match="loss 'kto' needs its KL reference point"):
+        _call("kto", b)
+    with pytest.raises(ValueError, match="cannot combine paired losses with unpaired"):
+        _call({"sigmoid": 1.0, "kto": 1.0}, b, kl=0.0)
+    with pytest.raises(ValueError, match="tau must be a positive"):
+        _call("discopop", b, tau=0.0)
