@@ -14,13 +14,18 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "linear_logprobs": "fastdpo.ops.linear_logprobs",
+    "check_targets": "fastdpo.ops.linear_logprobs",
+    "packed_preference_loss": "fastdpo.ops.preference_loss",
     "preference_loss": "fastdpo.losses",
     "register_loss": "fastdpo.losses",
     "LOSSES": "fastdpo.losses",
+    "LossInputs": "fastdpo.losses",
+    "RunningMean": "fastdpo.losses",
     "fused_linear_preference_loss": "fastdpo.ops.fused_linear_preference_loss",
     "load_preference_data": "fastdpo.data.sources",
     "tokenize_pairs": "fastdpo.data.tokenize",
     "pack_pairs": "fastdpo.data.packing",
+    "collate_pairs": "fastdpo.data.packing",
     "PreferenceExample": "fastdpo.data.types",
     "TokenizedPair": "fastdpo.data.types",
     "PackedBatch": "fastdpo.data.types",
