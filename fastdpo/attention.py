@@ -1,0 +1,676 @@
+"""Variable-length (packed) causal attention for Hugging Face models, registered by name.
+
+A packed batch is one token stream `[T]` holding several sequences back to back; `cu_seqlens`
+(int32 `[S + 1]`, starting at 0 and ending at T) marks where each one starts. Every token may
+attend only to earlier tokens of its own sequence. This module runs that attention with the
+best backend available and plugs it into transformers through its public `AttentionInterface`:
+
+    name = use_packed_attention(model, backend="auto")   # sets the model's attn implementation
+    hidden = model.model(input_ids[None], position_ids=position_ids[None],
+                         **packed_attention_kwargs(cu_seqlens, max_seqlen))
+
+Backends, in the order "auto" tries them:
+
+| backend | runs | needs | sliding window | softcap | backward |
+| --- | --- | --- | --- | --- | --- |
+| "flash" | `flash_attn_varlen_func` | flash-attn, CUDA, fp16/bf16 | yes | flash-attn >= 2.6 | yes |
+| "torch" | torch `varlen_attn` | torch >= 2.10, CUDA, fp16/bf16 | torch >= 2.11 | no | yes |
+| "flex" | FlexAttention + document mask | torch >= 2.5 | yes | yes | CUDA only |
+| "sdpa" | SDPA, one call per sequence | - | yes | yes (math path) | yes |
+
+All handle grouped-query attention (fewer key/value heads than query heads).
+
+"auto" picks the first that can run the call (device, dtype, features, gradients); on the CPU
+that is "sdpa" ("flex" has no backward there and is no faster). An explicitly named backend that
+cannot run a call raises an error that says why. What "flex" and "sdpa" derive from the
+boundaries (block masks; the offsets as Python ints and window masks) is built once per batch
+and reused by every layer through the `PackedAttentionState` that `packed_attention_kwargs`
+passes along. "sdpa" loops over the sequences (one device sync per batch to read the offsets
+on accelerators): it is the portable fallback (CPU, tests), not the fast path on GPUs.
+
+Attention dropout is supported by "flash" and "sdpa" only; other backends refuse it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import itertools
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("flash", "torch", "flex", "sdpa")
+"""Backend names, in the order "auto" tries them."""
+
+ATTENTION_NAMES: dict[str, str] = {
+    "auto": "fastdpo_varlen",
+    "flash": "fastdpo_varlen_fa",
+    "torch": "fastdpo_varlen_torch",
+    "flex": "fastdpo_varlen_flex",
+    "sdpa": "fastdpo_varlen_dense",
+}
+"""The `attn_implementation` name of each backend. transformers looks for the substrings "flash",
+"sdpa" and "flex_attention" in these names to run its own checks (and to treat a model as a
+flash-attention model), so the names avoid them."""
+
+_BACKEND_OF_NAME = {name: backend for backend, name in ATTENTION_NAMES.items()}
+
+STATE_KWARG = "fastdpo_packed_attention"
+"""Keyword under which the per-batch `PackedAttentionState` travels to the attention layers."""
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+_UNSUPPORTED_KWARGS = ("s_aux", "sinks", "position_bias", "indices", "block_indices")
+"""Extra inputs some models give their attention function that packed attention would ignore."""
+
+
+def attention_name(backend: str = "auto") -> str:
+    """The `attn_implementation` name of a backend ("auto" -> "fastdpo_varlen")."""
+    _check_backend_name(backend)
+    return ATTENTION_NAMES[backend]
+
+
+def backend_of(attn_implementation: str | None) -> str | None:
+    """The backend an `attn_implementation` name stands for, or None if it is not ours."""
+    return _BACKEND_OF_NAME.get(attn_implementation)
+
+
+def _check_backend_name(backend: str) -> None:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"attention backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-batch state
+
+
+@dataclass(kw_only=True)
+class PackedAttentionState:
+    """What every attention layer of one forward pass shares: boundaries and cached masks."""
+
+    cu_seqlens: torch.Tensor
+    """int32 [S + 1]: sequence start offsets into the stream, then T."""
+    max_seqlen: int
+    """Longest sequence (a Python int: no device sync to read it)."""
+    total_tokens: int
+    """T, the stream length."""
+    calls: int = 0
+    """Attention calls so far (a Python counter: lets callers check every layer came through)."""
+    backends_used: set[str] = field(default_factory=set)
+    """Backends that actually ran, for reporting."""
+    _document_ids: torch.Tensor | None = None
+    _host_offsets: list[int] | None = None
+    _masks: dict[tuple[str, int | None], Any] = field(default_factory=dict)
+
+    def document_ids(self) -> torch.Tensor:
+        """int32 [T]: the index of the sequence each stream position belongs to."""
+        if self._document_ids is None:
+            positions = torch.arange(
+                self.total_tokens, device=self.cu_seqlens.device, dtype=self.cu_seqlens.dtype
+            )
+            self._document_ids = torch.searchsorted(
+                self.cu_seqlens[1:].contiguous(), positions, right=True
+            ).to(torch.int32)
+        return self._document_ids
+
+    def host_offsets(self) -> list[int]:
+        """`cu_seqlens` as Python ints, read once per batch (a device sync on accelerators)."""
+        if self._host_offsets is None:
+            self._host_offsets = self.cu_seqlens.tolist()
+        return self._host_offsets
+
+    def cached_mask(self, kind: str, window: int | None, build: Callable[[], Any]) -> Any:
+        """The mask of `kind` (e.g. "flex", "causal-<length>") for this window size, built on
+        first use and then reused by every layer."""
+        key = (kind, window)
+        if key not in self._masks:
+            self._masks[key] = build()
+        return self._masks[key]
+
+
+def packed_attention_kwargs(
+    cu_seqlens: torch.Tensor, max_seqlen: int, total_tokens: int | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for a Hugging Face model's forward that make its attention packed.
+
+    Args:
+        cu_seqlens: int32 [S + 1] sequence start offsets, first 0, last T (on the model's device).
+        max_seqlen: the longest sequence, as a Python int.
+        total_tokens: T; defaults to the last offset (read from the tensor: a device sync).
+
+    Returns:
+        `cu_seq_lens_q/k` and `max_length_q/k` (the names transformers passes through to
+        attention functions) and the shared `PackedAttentionState` under `STATE_KWARG`.
+    """
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32 (flash kernels need it), got {cu_seqlens.dtype}")
+    if isinstance(max_seqlen, torch.Tensor):
+        raise TypeError("max_seqlen must be a Python int, not a tensor (reading it would sync)")
+    if total_tokens is None:
+        total_tokens = int(cu_seqlens[-1])
+    state = PackedAttentionState(
+        cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen), total_tokens=int(total_tokens)
+    )
+    return {
+        "cu_seq_lens_q": cu_seqlens,
+        "cu_seq_lens_k": cu_seqlens,
+        "max_length_q": int(max_seqlen),
+        "max_length_k": int(max_seqlen),
+        STATE_KWARG: state,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# The features one call needs, and which backend can serve them
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallFeatures:
+    """What one attention call needs from a backend (see `unavailable_reason`)."""
+
+    device_type: str
+    """Device type: "cuda", "cpu", ..."""
+    dtype: torch.dtype
+    """The activations' dtype."""
+    grouped: bool = False
+    """Fewer key/value heads than query heads (every backend handles it)."""
+    sliding_window: int | None = None
+    """Window size W (transformers' convention), or None for full causal attention."""
+    softcap: float | None = None
+    """Attention-score soft-capping constant, or None."""
+    dropout: float = 0.0
+    """Attention dropout probability in effect (0 outside training)."""
+    needs_grad: bool = False
+    """Whether a backward pass will run through the call."""
+
+
+@functools.cache
+def _flash_varlen_func() -> Callable | None:
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as error:  # installed but broken (e.g. built for another torch)
+        logger.warning("flash_attn is installed but cannot be imported: %s", error)
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.cache
+def _torch_varlen_func() -> tuple[Callable, frozenset[str]] | None:
+    """torch's varlen_attn and the names of its parameters (the signature moved in 2.11)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+@functools.cache
+def _flex_functions() -> tuple[Callable, Callable] | None:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return flex_attention, create_block_mask
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    # Uncompiled FlexAttention materializes the full score matrix; on CUDA it must be compiled
+    # to be a fused kernel. One compiled function for the process, shapes marked dynamic so
+    # that changing stream lengths do not recompile every batch.
+    flex_attention, _ = _flex_functions()
+    return torch.compile(flex_attention, dynamic=True)
+
+
+@functools.cache
+def _compiled_create_block_mask() -> Callable:
+    # Uncompiled, create_block_mask evaluates the mask on the full [T, T] grid (1 GiB of bools
+    # at T = 32k); compiled, it works block by block.
+    _, create_block_mask = _flex_functions()
+    return torch.compile(create_block_mask)
+
+
+@functools.cache
+def _softcap_score_mod(softcap: float) -> Callable:
+    # One function object per cap value: a fresh closure per call could make the compiled
+    # flex_attention recompile.
+    def score_mod(score, batch, head, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return score_mod
+
+
+def unavailable_reason(backend: str, features: CallFeatures) -> str | None:
+    """Why `backend` cannot run a call with these features, or None if it can."""
+    if backend == "flash":
+        function = _flash_varlen_func()
+        if function is None:
+            return "flash-attn is not installed (pip install flash-attn)"
+        if features.device_type != "cuda":
+            return "flash-attn runs on CUDA only"
+        if features.dtype not in _HALF_DTYPES:
+            return f"flash-attn needs fp16 or bf16 activations, got {features.dtype}"
+        if features.softcap is not None and "softcap" not in inspect.signature(function).parameters:
+            return "this flash-attn has no softcap argument (needs flash-attn >= 2.6)"
+        return None
+    if backend == "torch":
+        found = _torch_varlen_func()
+        if found is None:
+            return "torch.nn.attention.varlen.varlen_attn needs torch >= 2.10"
+        _, parameters = found
+        if features.device_type != "cuda":
+            return "torch's varlen_attn runs on CUDA only"
+        if features.dtype not in _HALF_DTYPES:
+            return f"torch's varlen_attn needs fp16 or bf16 activations, got {features.dtype}"
+        if features.softcap is not None:
+            return "torch's varlen_attn has no attention-logit soft-capping"
+        if features.sliding_window is not None and "window_size" not in parameters:
+            return "torch's varlen_attn supports sliding windows from torch 2.11"
+        if features.dropout > 0:
+            return "torch's varlen_attn has no attention dropout"
+        return None
+    if backend == "flex":
+        if _flex_functions() is None:
+            return "FlexAttention needs torch >= 2.5"
+        if features.dropout > 0:
+            return "FlexAttention has no attention dropout"
+        if features.device_type == "cpu" and features.needs_grad:
+            return (
+                "FlexAttention has no backward on the CPU: use it there for forward-only passes "
+                "(torch.no_grad()), or use the 'sdpa' backend"
+            )
+        return None
+    if backend == "sdpa":
+        return None
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+
+
+def resolve_backend(backend: str, features: CallFeatures) -> str:
+    """The backend that runs a call: `backend` itself, or for "auto" the first that can."""
+    _check_backend_name(backend)
+    if backend != "auto":
+        reason = unavailable_reason(backend, features)
+        if reason is not None:
+            raise RuntimeError(
+                f"attention backend {backend!r} cannot run this call: {reason}. "
+                "Use backend='auto' to pick one that can."
+            )
+        return backend
+    for candidate in BACKENDS:
+        # On the CPU, uncompiled Flex is a slower SDPA with a forward-only restriction.
+        if candidate == "flex" and features.device_type == "cpu":
+            continue
+        if unavailable_reason(candidate, features) is None:
+            return candidate
+    raise AssertionError("the 'sdpa' backend always runs")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------------------------
+# The backends, on stream-major tensors: q [T, Hq, D], k and v [T, Hkv, D] -> out [T, Hq, D]
+
+
+def _run_flash(q, k, v, state, *, scale, sliding_window, softcap, dropout) -> torch.Tensor:
+    function = _flash_varlen_func()
+    extra = {}
+    if sliding_window is not None:
+        # transformers' window W lets a query see itself and the W - 1 keys before it.
+        extra["window_size"] = (sliding_window - 1, 0)
+    if softcap is not None:
+        extra["softcap"] = softcap
+    return function(
+        q,
+        k,
+        v,
+        state.cu_seqlens,
+        state.cu_seqlens,
+        state.max_seqlen,
+        state.max_seqlen,
+        dropout_p=dropout,
+        softmax_scale=scale,
+        causal=True,
+        **extra,
+    )
+
+
+def _run_torch_varlen(q, k, v, state, *, scale, sliding_window) -> torch.Tensor:
+    function, parameters = _torch_varlen_func()
+    extra: dict[str, Any] = {}
+    if "scale" in parameters:
+        extra["scale"] = scale
+    elif scale != q.shape[-1] ** -0.5:  # torch 2.10 always scales by 1 / sqrt(D)
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in parameters:
+            extra["enable_gqa"] = True
+        else:  # older signature: share the key/value heads explicitly
+            groups = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+    if "window_size" in parameters:  # torch >= 2.11: causal is the window (-1, 0)
+        left = -1 if sliding_window is None else sliding_window - 1
+        extra["window_size"] = (left, 0)
+    else:  # torch 2.10
+        extra["is_causal"] = True
+    return function(
+        q, k, v, state.cu_seqlens, state.cu_seqlens, state.max_seqlen, state.max_seqlen, **extra
+    )
+
+
+def _document_causal(document_ids: torch.Tensor, sliding_window: int | None) -> Callable:
+    def mask_mod(batch, head, q_idx, kv_idx):
+        allowed = (document_ids[q_idx] == document_ids[kv_idx]) & (kv_idx <= q_idx)
+        if sliding_window is not None:
+            allowed = allowed & (q_idx - kv_idx < sliding_window)
+        return allowed
+
+    return mask_mod
+
+
+def _run_flex(q, k, v, state, *, scale, sliding_window, softcap) -> torch.Tensor:
+    flex_attention, create_block_mask = _flex_functions()
+    total = state.total_tokens
+
+    def build():
+        mask_mod = _document_causal(state.document_ids(), sliding_window)
+        make = _compiled_create_block_mask() if q.is_cuda else create_block_mask
+        return make(mask_mod, None, None, total, total, device=q.device)
+
+    block_mask = state.cached_mask("flex", sliding_window, build)
+    score_mod = None if softcap is None else _softcap_score_mod(float(softcap))
+    if not torch.is_grad_enabled():
+        # Flex refuses CPU inputs that require grad even when no graph is being recorded.
+        q, k, v = q.detach(), k.detach(), v.detach()
+    inputs = (x.transpose(0, 1)[None] for x in (q, k, v))
+    options = {
+        "score_mod": score_mod,
+        "block_mask": block_mask,
+        "scale": scale,
+        "enable_gqa": q.shape[1] != k.shape[1],
+    }
+    if q.is_cuda:
+        out = _compiled_flex_attention()(*inputs, **options)
+    else:
+        with warnings.catch_warnings():
+            # Uncompiled on the CPU on purpose (forward-only checks); its warning is expected.
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = flex_attention(*inputs, **options)
+    return out[0].transpose(0, 1)
+
+
+def _causal_window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """bool [L, L]: True where a query may attend to a key (causal, within `window`)."""
+    positions = torch.arange(length, device=device)
+    distance = positions[:, None] - positions[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+def _run_sdpa(q, k, v, state, *, scale, sliding_window, softcap, dropout, training) -> torch.Tensor:
+    # One SDPA call per sequence: O(sum L^2) work and memory, where a block-diagonal mask over
+    # the stream costs O(T^2) (at T = 2048 holding 20 sequences of ~100 tokens: ~20x).
+    if q.shape[1] != k.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    dropout = dropout if training else 0.0
+    outs = []
+    for start, end in itertools.pairwise(state.host_offsets()):
+        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
+        length = end - start
+        window = sliding_window if sliding_window is not None and sliding_window < length else None
+        mask = None  # plain causal attention needs none (is_causal)
+        if window is not None or softcap is not None:
+            mask = state.cached_mask(
+                f"causal-{length}",
+                window,
+                lambda length=length, window=window: _causal_window_mask(
+                    length, window or length, q.device
+                ),
+            )
+        if softcap is None:
+            out = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scale
+            )
+        else:
+            # SDPA cannot soft-cap scores: write them out, as transformers' eager path does.
+            scores = (qs @ ks.transpose(-1, -2)) * scale
+            scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~mask, float("-inf"))
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qs.dtype)
+            out = F.dropout(weights, p=dropout, training=dropout > 0) @ vs
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    state: PackedAttentionState,
+    *,
+    backend: str = "auto",
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Causal attention within each packed sequence.
+
+    Args:
+        query: [T, Hq, D]; key, value: [T, Hkv, D] with Hq a multiple of Hkv (grouped-query).
+        state: the batch's boundaries (`packed_attention_kwargs(...)[STATE_KWARG]`).
+        backend: "auto" or one of `BACKENDS`.
+        scale: score scale (default 1 / sqrt(D)).
+        sliding_window: W lets each query see itself and the W - 1 keys before it (transformers'
+            convention); None for full causal attention.
+        softcap: scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2).
+        dropout: attention dropout probability, applied only when `training`.
+
+    Returns:
+        [T, Hq, D] in the query's dtype.
+    """
+    if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+        raise ValueError(
+            "query, key and value must be [T, heads, head_dim], got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if query.shape[0] != state.total_tokens or key.shape[0] != state.total_tokens:
+        raise ValueError(
+            f"the stream has {query.shape[0]} query / {key.shape[0]} key tokens but the batch's "
+            f"cu_seqlens describe {state.total_tokens}: pass the cu_seqlens of this batch"
+        )
+    if query.shape[1] % key.shape[1] != 0:
+        raise ValueError(
+            f"query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})"
+        )
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    dropout = dropout if training else 0.0
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    features = CallFeatures(
+        device_type=query.device.type,
+        dtype=query.dtype,
+        grouped=query.shape[1] != key.shape[1],
+        sliding_window=sliding_window,
+        softcap=softcap,
+        dropout=dropout,
+        needs_grad=torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)),
+    )
+    chosen = resolve_backend(backend, features)
+    if chosen not in state.backends_used:
+        logger.info("packed attention: backend %r (asked %r) for %s", chosen, backend, features)
+        state.backends_used.add(chosen)
+    state.calls += 1
+    if chosen == "flash":
+        return _run_flash(
+            query,
+            key,
+            value,
+            state,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            dropout=dropout,
+        )
+    if chosen == "torch":
+        return _run_torch_varlen(
+            query, key, value, state, scale=scale, sliding_window=sliding_window
+        )
+    if chosen == "flex":
+        return _run_flex(
+            query, key, value, state, scale=scale, sliding_window=sliding_window, softcap=softcap
+        )
+    return _run_sdpa(
+        query,
+        key,
+        value,
+        state,
+        scale=scale,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        dropout=dropout,
+        training=training,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The transformers-facing attention function
+
+
+def _hf_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    backend: str,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-function signature: q [1, Hq, T, D], k/v [1, Hkv, T, D] ->
+    ([1, T, Hq, D], None)."""
+    layer = f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
+    state = kwargs.get(STATE_KWARG)
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if state is None and cu_seqlens is None:
+        raise RuntimeError(
+            f"{layer}: the model's attn_implementation is {attention_name(backend)!r}, which runs "
+            "packed batches only and got no cu_seqlens. Call it through fastdpo.sequence_logps "
+            "(or pass fastdpo.attention.packed_attention_kwargs(...)), or switch back with "
+            "model.set_attn_implementation('sdpa') for ordinary padded batches."
+        )
+    if state is None:
+        # cu_seqlens from another caller (e.g. transformers' flattening collator): check them
+        # here (device syncs), and accept that masks are rebuilt in every layer.
+        cu_seqlens_k = kwargs.get("cu_seq_lens_k")
+        if cu_seqlens_k is not None and not torch.equal(cu_seqlens_k, cu_seqlens):
+            raise ValueError(f"{layer}: packed self-attention needs cu_seq_lens_k == cu_seq_lens_q")
+        max_seqlen = kwargs.get("max_length_q")
+        if max_seqlen is None:
+            max_seqlen = cu_seqlens.diff().max()
+        state = PackedAttentionState(
+            cu_seqlens=cu_seqlens.to(torch.int32),
+            max_seqlen=int(max_seqlen),
+            total_tokens=query.shape[2],
+        )
+    elif cu_seqlens is not None and cu_seqlens is not state.cu_seqlens:
+        raise ValueError(
+            f"{layer}: cu_seq_lens_q is not the cu_seqlens of the packed state: build both with "
+            "fastdpo.attention.packed_attention_kwargs"
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            f"{layer}: got an attention mask with packed attention; packed batches are described "
+            "by cu_seqlens alone (a 2D mask would be ambiguous across sequences): drop the mask"
+        )
+    if is_causal is False or getattr(module, "is_causal", True) is False:
+        raise ValueError(f"{layer}: packed attention is causal only; this layer is bidirectional")
+    unsupported = sorted(name for name in _UNSUPPORTED_KWARGS if kwargs.get(name) is not None)
+    if unsupported:
+        raise ValueError(
+            f"{layer}: packed attention does not implement {unsupported} (attention sinks, "
+            "position biases or sparse indices); this model cannot run packed"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(
+            f"{layer}: packed attention expects one stream (batch size 1), got {query.shape[0]}"
+        )
+    out = varlen_attention(
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        state,
+        backend=backend,
+        scale=scaling,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        dropout=dropout,
+        training=module.training,
+    )
+    return out[None], None
+
+
+_REGISTERED: set[str] = set()
+"""Names this process has registered with transformers' AttentionInterface."""
+
+
+def register_attention(backend: str = "auto") -> str:
+    """Register the packed attention function for `backend` with transformers; return its name.
+
+    Idempotent. Registration is by name in transformers' `AttentionInterface` (nothing of
+    transformers is patched); a model uses it only once its attn implementation is set to it.
+    """
+    name = attention_name(backend)
+    if name not in _REGISTERED:
+        from transformers import AttentionInterface
+
+        function = functools.partial(_hf_attention_forward, backend=backend)
+        functools.update_wrapper(function, _hf_attention_forward)
+        AttentionInterface.register(name, function)
+        _REGISTERED.add(name)
+    return name
+
+
+def use_packed_attention(model: torch.nn.Module, backend: str = "auto") -> str:
+    """Set this model instance's attention to fastdpo's packed attention; return the name.
+
+    Only this instance (its config) changes. Afterwards its forward needs cu_seqlens (see
+    `packed_attention_kwargs`); `model.set_attn_implementation("sdpa")` switches it back for
+    ordinary padded batches (e.g. generation).
+    """
+    name = register_attention(backend)
+    if getattr(model.config, "_attn_implementation", None) == name:
+        return name
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError(
+            f"{type(model).__name__} has no set_attn_implementation: pass a transformers "
+            "PreTrainedModel (transformers >= 4.56)"
+        )
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise RuntimeError(
+            f"{type(model).__name__} did not accept attn_implementation={name!r} (it is "
+            f"{model.config._attn_implementation!r}): the model does not dispatch attention "
+            "through transformers' AttentionInterface, so it cannot run packed batches"
+        )
+    logger.info("%s: attention set to %r", type(model).__name__, name)
+    return name

@@ -1,0 +1,494 @@
+"""Packed forward of a Hugging Face causal LM: per-sequence completion log-probs, no logits.
+
+    result = sequence_logps(model, batch)    # batch: a PackedBatch on the model's device
+    result.chosen, result.rejected           # fp32 [P] summed log-probs of each pair
+
+The decoder body runs once on the whole packed stream (`input_ids` as [1, T], per-sequence
+`position_ids`, explicit `cu_seqlens` for varlen attention; never a 2D attention mask). Only
+the hidden states at completion-target positions go through the head, and the head is
+`fastdpo.linear_logprobs` with the model's own output embedding, final-logit soft-capping and
+logit scaling, so no `[tokens, vocab]` tensor is ever built.
+
+An architecture whose layers are not all attention (Mamba, RWKV, linear-attention or
+convolution layers, ...) would mix neighbouring sequences through its recurrent state, so it
+is refused, before the forward where its config says so and after it otherwise (every decoder
+layer must have run through the packed attention function).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastdpo.attention import (
+    STATE_KWARG,
+    PackedAttentionState,
+    backend_of,
+    packed_attention_kwargs,
+    use_packed_attention,
+)
+from fastdpo.data.types import PackedBatch
+from fastdpo.ops.linear_logprobs import linear_logprobs
+
+logger = logging.getLogger(__name__)
+
+PACKABLE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+"""`config.layer_types` entries that packed attention reproduces exactly."""
+
+UNPACKABLE_MODEL_TYPES = frozenset(
+    {
+        "bamba",
+        "falcon_h1",
+        "falcon_mamba",
+        "granitemoehybrid",
+        "jamba",
+        "lfm2",
+        "lfm2_moe",
+        "mamba",
+        "mamba2",
+        "minimax",
+        "nemotron_h",
+        "qwen3_next",
+        "recurrent_gemma",
+        "rwkv",
+        "xlstm",
+        "zamba",
+        "zamba2",
+    }
+)
+"""Model types known to have recurrent, convolution or linear-attention layers."""
+
+
+@dataclass(kw_only=True)
+class SequenceLogps:
+    """Summed completion log-probs of each packed sequence (sequence order of the batch).
+
+    For paired batches (S = 2P) `chosen`/`rejected` and their lengths are strided views of
+    `logps`/`lengths` (sequences 2p and 2p + 1); for unpaired batches they are None.
+    """
+
+    logps: torch.Tensor
+    """fp32 [S]: sum of the log-probs of each sequence's completion targets."""
+    lengths: torch.Tensor
+    """int [S]: completion targets per sequence (the terms in each sum)."""
+    token_logps: torch.Tensor | None = None
+    """fp32 [M]: per-target log-probs in `PackedBatch.target_ids` order (if requested)."""
+    chosen: torch.Tensor | None = None
+    """fp32 [P] (paired batches): `logps[0::2]`."""
+    rejected: torch.Tensor | None = None
+    """fp32 [P] (paired batches): `logps[1::2]`."""
+    chosen_lengths: torch.Tensor | None = None
+    """int [P] (paired batches): `lengths[0::2]`."""
+    rejected_lengths: torch.Tensor | None = None
+    """int [P] (paired batches): `lengths[1::2]`."""
+    attention_backends: tuple[str, ...] = ()
+    """The packed-attention backends that ran (e.g. ("sdpa",)), for reporting."""
+
+
+# ------------------------------------------------------------------------------------------------
+# What the model is made of
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside `model` (a PEFT wrapper is looked through).
+
+    A PEFT model's `get_base_model()` is the causal LM with its adapter layers injected, so
+    LoRA weights still take part in the forward.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "sequence_logps got a DistributedDataParallel wrapper: calling into its module "
+            "would skip DDP's gradient synchronisation. Shard the model with FSDP2 "
+            "(torch.distributed.fsdp.fully_shard), which keeps the module callable, or pass "
+            "the bare model on a single device"
+        )
+    compiled = getattr(model, "_orig_mod", None)
+    if isinstance(compiled, nn.Module):  # a torch.compile wrapper (OptimizedModule)
+        logger.warning(
+            "sequence_logps calls the decoder body and the head separately, so torch.compile "
+            "around the whole %s is bypassed; compile the decoder layers instead "
+            "(for layer in model.model.layers: layer.compile())",
+            type(compiled).__name__,
+        )
+        model = compiled
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model) and hasattr(model, "peft_config"):
+        model = get_base_model()
+    return model
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_packable(model: nn.Module) -> None:
+    """Raise ValueError if the config shows layers that packed attention cannot reproduce."""
+    config = _text_config(model)
+    name = type(model).__name__
+    model_type = getattr(config, "model_type", None)
+    if model_type in UNPACKABLE_MODEL_TYPES:
+        raise ValueError(
+            f"{name} (model_type {model_type!r}) has recurrent, convolution or linear-attention "
+            "layers, whose state would flow from one packed sequence into the next: fastdpo "
+            "cannot pack it. Use a model made of attention layers only."
+        )
+    layer_types = getattr(config, "layer_types", None) or ()
+    unsupported = sorted(set(layer_types) - PACKABLE_LAYER_TYPES)
+    if unsupported:
+        raise ValueError(
+            f"{name} has layer types {unsupported} besides full/sliding attention; packed "
+            "attention only reproduces full and sliding-window causal attention, so fastdpo "
+            "cannot pack this model."
+        )
+    if getattr(config, "attention_chunk_size", None):
+        raise ValueError(
+            f"{name} uses chunked attention (attention_chunk_size="
+            f"{config.attention_chunk_size}), which packed attention does not implement."
+        )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(f"{name} uses bidirectional attention; packed attention is causal only.")
+
+
+LOGIT_SCALES: dict[str, tuple[str, str]] = {
+    "cohere": ("logit_scale", "multiply"),
+    "cohere2": ("logit_scale", "multiply"),
+    "cohere2_moe": ("logit_scale", "multiply"),
+    "granite": ("logits_scaling", "divide"),
+    "granite_swa": ("logits_scaling", "divide"),
+    "granitemoe": ("logits_scaling", "divide"),
+    "granitemoe_swa": ("logits_scaling", "divide"),
+    "granitemoeshared": ("logits_scaling", "divide"),
+    "hyperclovax": ("logits_scaling", "multiply"),  # the same field name as Granite's, inverse use
+}
+"""model_type -> (config field, how its forward applies it to the head's logits), read from
+each model's transformers code. The same field means different things in different models,
+so a field set on a model_type missing here is refused rather than guessed."""
+
+_SCALE_FIELDS = ("logit_scale", "logits_scaling", "output_multiplier")
+
+
+def head_logit_transform(model: nn.Module) -> tuple[float | None, float]:
+    """(softcap, temperature) reproducing what the model's forward does to its head's logits.
+
+    `final_logit_softcapping` (Gemma 2/3: c * tanh(z / c)) becomes the softcap; the logit
+    scaling of `LOGIT_SCALES` becomes the temperature (`linear_logprobs` divides by it). No
+    supported model both caps and scales, and the order would matter, so that is refused.
+    """
+    config = _text_config(model)
+    name = f"{type(model).__name__} (model_type {config.model_type!r})"
+    softcap = getattr(config, "final_logit_softcapping", None)
+    temperature = 1.0
+    known = LOGIT_SCALES.get(config.model_type)
+    for field in _SCALE_FIELDS:
+        value = getattr(config, field, None)
+        if value is None or (known is not None and field == known[0]):
+            continue
+        raise ValueError(
+            f"{name}: its config sets {field}={value!r} and fastdpo does not know how this "
+            "model applies it to its logits (see fastdpo.model.LOGIT_SCALES)"
+        )
+    if known is not None and getattr(config, known[0], None) is not None:
+        value = float(getattr(config, known[0]))
+        temperature = value if known[1] == "divide" else 1.0 / value
+        if softcap is not None and value != 1.0:
+            raise ValueError(
+                f"{name} both scales ({known[0]}) and soft-caps its logits; fastdpo does not "
+                "reproduce that combination"
+            )
+    return (None if softcap is None else float(softcap)), temperature
+
+
+def _output_head(model: nn.Module) -> nn.Linear:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise TypeError(
+            f"{type(model).__name__} has no output embedding (lm_head): pass a causal LM "
+            "(AutoModelForCausalLM), not its base model"
+        )
+    # The head is applied from its weight and bias by fastdpo, so any behaviour a wrapper adds
+    # (a LoRA adapter, quantization) would be silently lost.
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        raise TypeError(
+            f"the output embedding of {type(model).__name__} is a {type(head).__name__}, not a "
+            "plain torch.nn.Linear: fastdpo applies the head itself from its weight and bias, "
+            "so whatever the wrapper adds (a LoRA adapter on lm_head, quantization) would be "
+            "ignored. Keep lm_head out of LoRA target_modules / quantization."
+        )
+    return head
+
+
+def _decoder_body(model: nn.Module) -> nn.Module:
+    body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        raise TypeError(
+            f"{type(model).__name__} has no separate decoder body (base_model): pass a "
+            "transformers causal LM such as LlamaForCausalLM"
+        )
+    return body
+
+
+# ------------------------------------------------------------------------------------------------
+# The batch
+
+
+def _check_batch(batch: PackedBatch, device: torch.device) -> None:
+    """Shape, dtype and device checks that need no device sync."""
+    total = batch.input_ids.shape[0]
+    if batch.input_ids.dim() != 1 or batch.position_ids.shape != batch.input_ids.shape:
+        raise ValueError(
+            "batch.input_ids and batch.position_ids must both be [T], got "
+            f"{tuple(batch.input_ids.shape)} and {tuple(batch.position_ids.shape)}"
+        )
+    if total == 0:
+        raise ValueError("batch is empty (T = 0)")
+    sequences = batch.num_sequences
+    segments = batch.cu_seqlens.shape[0] - 1
+    expected_segments = sequences + (1 if batch.num_padding else 0)
+    if segments != expected_segments:
+        raise ValueError(
+            f"batch.cu_seqlens has {segments} segments but the batch has {sequences} sequences "
+            f"and {batch.num_padding} padding tokens (expected {expected_segments} segments)"
+        )
+    if batch.target_cu.shape != (sequences + 1,):
+        raise ValueError(
+            f"batch.target_cu must be [S + 1] = [{sequences + 1}], "
+            f"got {tuple(batch.target_cu.shape)}"
+        )
+    if batch.target_positions.shape != batch.target_ids.shape or batch.target_ids.dim() != 1:
+        raise ValueError(
+            "batch.target_positions and batch.target_ids must both be [M], got "
+            f"{tuple(batch.target_positions.shape)} and {tuple(batch.target_ids.shape)}"
+        )
+    if batch.max_seqlen > total or batch.max_seqlen < 1:
+        raise ValueError(f"batch.max_seqlen={batch.max_seqlen} is outside [1, T={total}]")
+    if batch.input_ids.device != device:
+        raise ValueError(
+            f"batch is on {batch.input_ids.device} but the model is on {device}: move it with "
+            "batch.to(device)"
+        )
+
+
+def _segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Sums of `values` [M] over the segments `offsets` [S + 1], in `values`' dtype [S].
+
+    Differences of one float64 prefix sum at the offsets: no host sync, and deterministic
+    (an index_add would add in a different order on every CUDA run); in float64 the
+    cancellation error (~1e-16 of the running sum) stays far below fp32 rounding.
+    """
+    prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
+    offsets = offsets.long()
+    ends, starts = prefix.index_select(0, offsets[1:]), prefix.index_select(0, offsets[:-1])
+    return (ends - starts).to(values.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# The forward
+
+
+def sequence_logps(
+    model: nn.Module,
+    batch: PackedBatch,
+    *,
+    return_token_logps: bool = False,
+    attention: str | None = None,
+    impl: str = "auto",
+) -> SequenceLogps:
+    """Summed completion log-probs of every sequence of a packed batch.
+
+    Args:
+        model: a transformers causal LM (or a PEFT model around one) made of attention layers.
+            Its attention implementation is set to fastdpo's packed attention, on this
+            instance, if it is not already (see `fastdpo.attention.use_packed_attention`).
+        batch: a `PackedBatch` on the model's device.
+        return_token_logps: also return the per-target log-probs (fp32 [M]).
+        attention: packed-attention backend ("auto", "flash", "torch", "flex", "sdpa"); None
+            keeps the one the model already uses, else "auto".
+        impl: `linear_logprobs` implementation ("auto", "triton", "torch").
+
+    Returns:
+        `SequenceLogps` with fp32 `logps` [S] (differentiable w.r.t. the model's parameters)
+        and int `lengths` [S]; `chosen`/`rejected` [P] views for paired batches.
+    """
+    lm = unwrap_model(model)
+    check_packable(lm)
+    body = _decoder_body(lm)
+    head = _output_head(lm)
+    softcap, temperature = head_logit_transform(lm)
+    _check_batch(batch, head.weight.device)
+
+    if attention is None:
+        attention = backend_of(getattr(lm.config, "_attn_implementation", None)) or "auto"
+    use_packed_attention(lm, attention)
+
+    total = batch.input_ids.shape[0]
+    attention_kwargs = packed_attention_kwargs(batch.cu_seqlens, batch.max_seqlen, total)
+    outputs = body(
+        input_ids=batch.input_ids[None],
+        position_ids=batch.position_ids[None],
+        use_cache=False,
+        **attention_kwargs,
+    )
+    state: PackedAttentionState = attention_kwargs[STATE_KWARG]
+    _check_every_layer_packed(lm, state)
+
+    hidden = outputs[0][0]  # [T, H]
+    target_hidden = hidden.index_select(0, batch.target_positions)  # [M, H]
+    weight, bias = head.weight, head.bias
+    target_hidden, weight, bias = _head_dtype(target_hidden, weight, bias)
+    token_logps = linear_logprobs(
+        target_hidden,
+        weight,
+        batch.target_ids,
+        bias=bias,
+        softcap=softcap,
+        temperature=temperature,
+        impl=impl,
+    )
+    logps = _segment_sums(token_logps, batch.target_cu)
+    lengths = batch.target_cu[1:] - batch.target_cu[:-1]
+    result = SequenceLogps(
+        logps=logps,
+        lengths=lengths,
+        token_logps=token_logps if return_token_logps else None,
+        attention_backends=tuple(sorted(state.backends_used)),
+    )
+    if batch.num_sequences == 2 * batch.num_examples and batch.num_examples > 0:
+        result.chosen, result.rejected = logps[0::2], logps[1::2]
+        result.chosen_lengths, result.rejected_lengths = lengths[0::2], lengths[1::2]
+    return result
+
+
+def _check_every_layer_packed(model: nn.Module, state: PackedAttentionState) -> None:
+    layers = getattr(_text_config(model), "num_hidden_layers", None)
+    if layers is not None and state.calls < layers:
+        raise ValueError(
+            f"only {state.calls} of the {layers} decoder layers of {type(model).__name__} ran "
+            "through fastdpo's packed attention; the others (recurrent, convolution or "
+            "linear-attention layers, or attention that bypasses transformers' "
+            "AttentionInterface) would mix neighbouring sequences, so this model cannot be packed"
+        )
+
+
+def _head_dtype(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Cast the head's inputs to the dtype the model's own lm_head call would compute in.
+
+    Under autocast that is the autocast dtype (the casts are differentiable, so fp32 master
+    weights still get their gradients); otherwise the head weight's dtype.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = weight.dtype
+    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (hidden, weight, bias)]
+    return cast[0], cast[1], cast[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# Optional: Liger-Kernel's body kernels on one model instance
+
+# model_type -> (RMSNorm offset, Liger casting mode): Gemma norms scale by (1 + weight) in fp32.
+_LIGER_NORM_MODES = {
+    "llama": (0.0, "llama"),
+    "mistral": (0.0, "llama"),
+    "qwen2": (0.0, "llama"),
+    "qwen3": (0.0, "llama"),
+    "gemma": (1.0, "gemma"),
+    "gemma2": (1.0, "gemma"),
+}
+# config activation -> the name of Liger's fused act(gate) * up autograd Function
+_LIGER_GATED_ACTIVATIONS = {
+    "silu": "LigerSiLUMulFunction",
+    "swish": "LigerSiLUMulFunction",
+    "gelu_pytorch_tanh": "LigerGELUMulFunction",
+}
+
+
+class _GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with a fused act-and-multiply; holds the original Linears,
+    so parameter names and state-dict keys stay those of the module it replaces."""
+
+    def __init__(self, mlp: nn.Module, multiply) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self._multiply = multiply
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self._multiply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _swap_body_modules(model: nn.Module, make_norm, multiply, *, rms_norm: bool, swiglu: bool):
+    """Replace RMSNorm / gated-MLP submodules of this instance; return the replaced names.
+
+    `make_norm(module) -> nn.Module` builds a norm holding the same weight Parameter;
+    `multiply(gate, up)` is the fused activation product. Only this model's tree changes.
+    """
+    replaced = []
+    for name, module in list(model.named_modules()):
+        parent_name, _, child_name = name.rpartition(".")
+        is_norm = type(module).__name__.endswith("RMSNorm")
+        is_norm = is_norm and getattr(module, "weight", None) is not None
+        is_mlp = all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        if (rms_norm and is_norm) or (swiglu and is_mlp):
+            new = make_norm(module) if is_norm else _GatedMLP(module, multiply)
+            setattr(model.get_submodule(parent_name), child_name, new)
+            replaced.append(name)
+    return replaced
+
+
+def apply_liger_body_kernels(
+    model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True
+) -> list[str]:
+    """Run this model instance's RMSNorms and gated MLPs with Liger-Kernel's Triton kernels.
+
+    Per instance: submodules of this model are replaced by ones that share their parameters;
+    nothing in transformers or liger-kernel is patched, other models are unaffected, and state
+    dict keys are unchanged. RoPE is not offered: transformers applies it through a
+    module-level function, which only a global patch could swap.
+
+    Returns the names of the replaced modules. Raises if liger-kernel is missing, the model is
+    not on CUDA (Liger's kernels are Triton-only), or its family is not one this knows.
+    """
+    try:
+        import liger_kernel.ops as liger_ops
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    except ImportError as error:
+        raise ImportError(
+            "apply_liger_body_kernels needs liger-kernel: pip install liger-kernel"
+        ) from error
+    lm = unwrap_model(model)
+    if lm.get_output_embeddings().weight.device.type != "cuda":
+        raise RuntimeError("Liger's kernels run on CUDA only: move the model to a GPU first")
+    config = _text_config(lm)
+    if config.model_type not in _LIGER_NORM_MODES:
+        raise ValueError(
+            f"no Liger body-kernel mapping for model_type {config.model_type!r}; known: "
+            f"{sorted(_LIGER_NORM_MODES)}"
+        )
+    offset, casting_mode = _LIGER_NORM_MODES[config.model_type]
+    activation = getattr(config, "hidden_activation", None) or config.hidden_act
+    if swiglu and activation not in _LIGER_GATED_ACTIVATIONS:
+        raise ValueError(f"Liger has no fused gated MLP for activation {activation!r}")
+    multiply = getattr(liger_ops, _LIGER_GATED_ACTIVATIONS.get(activation, "LigerSiLUMulFunction"))
+
+    def make_norm(module: nn.Module) -> nn.Module:
+        eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+        norm = LigerRMSNorm(
+            module.weight.shape[0],
+            eps=eps,
+            offset=offset,
+            casting_mode=casting_mode,
+            in_place=False,
+        )
+        norm.weight = module.weight  # the same Parameter: optimizer state and tying survive
+        return norm
+
+    replaced = _swap_body_modules(lm, make_norm, multiply.apply, rms_norm=rms_norm, swiglu=swiglu)
+    logger.info("Liger body kernels on %s: %d modules", type(lm).__name__, len(replaced))
+    return replaced
