@@ -120,14 +120,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _text_config(model: nn.Module):
+def text_config(model: nn.Module):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def check_packable(model: nn.Module) -> None:
     """Raise ValueError if the config shows layers that packed attention cannot reproduce."""
-    config = _text_config(model)
+    config = text_config(model)
     name = type(model).__name__
     model_type = getattr(config, "model_type", None)
     if model_type in UNPACKABLE_MODEL_TYPES:
@@ -178,7 +178,7 @@ def head_logit_transform(model: nn.Module) -> tuple[float | None, float]:
     scaling of `LOGIT_SCALES` becomes the temperature (`linear_logprobs` divides by it). No
     supported model both caps and scales, and the order would matter, so that is refused.
     """
-    config = _text_config(model)
+    config = text_config(model)
     name = f"{type(model).__name__} (model_type {config.model_type!r})"
     softcap = getattr(config, "final_logit_softcapping", None)
     temperature = 1.0
@@ -363,7 +363,7 @@ def sequence_logps(
 
 
 def _check_every_layer_packed(model: nn.Module, state: PackedAttentionState) -> None:
-    layers = getattr(_text_config(model), "num_hidden_layers", None)
+    layers = getattr(text_config(model), "num_hidden_layers", None)
     if layers is not None and state.calls < layers:
         raise ValueError(
             f"only {state.calls} of the {layers} decoder layers of {type(model).__name__} ran "
@@ -388,107 +388,3 @@ def _head_dtype(
         dtype = weight.dtype
     cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (hidden, weight, bias)]
     return cast[0], cast[1], cast[2]
-
-
-# ------------------------------------------------------------------------------------------------
-# Optional: Liger-Kernel's body kernels on one model instance
-
-# model_type -> (RMSNorm offset, Liger casting mode): Gemma norms scale by (1 + weight) in fp32.
-_LIGER_NORM_MODES = {
-    "llama": (0.0, "llama"),
-    "mistral": (0.0, "llama"),
-    "qwen2": (0.0, "llama"),
-    "qwen3": (0.0, "llama"),
-    "gemma": (1.0, "gemma"),
-    "gemma2": (1.0, "gemma"),
-}
-# config activation -> the name of Liger's fused act(gate) * up autograd Function
-_LIGER_GATED_ACTIVATIONS = {
-    "silu": "LigerSiLUMulFunction",
-    "swish": "LigerSiLUMulFunction",
-    "gelu_pytorch_tanh": "LigerGELUMulFunction",
-}
-
-
-class _GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with a fused act-and-multiply; holds the original Linears,
-    so parameter names and state-dict keys stay those of the module it replaces."""
-
-    def __init__(self, mlp: nn.Module, multiply) -> None:
-        super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        self._multiply = multiply
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self._multiply(self.gate_proj(x), self.up_proj(x)))
-
-
-def _swap_body_modules(model: nn.Module, make_norm, multiply, *, rms_norm: bool, swiglu: bool):
-    """Replace RMSNorm / gated-MLP submodules of this instance; return the replaced names.
-
-    `make_norm(module) -> nn.Module` builds a norm holding the same weight Parameter;
-    `multiply(gate, up)` is the fused activation product. Only this model's tree changes.
-    """
-    replaced = []
-    for name, module in list(model.named_modules()):
-        parent_name, _, child_name = name.rpartition(".")
-        is_norm = type(module).__name__.endswith("RMSNorm")
-        is_norm = is_norm and getattr(module, "weight", None) is not None
-        is_mlp = all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
-        if (rms_norm and is_norm) or (swiglu and is_mlp):
-            new = make_norm(module) if is_norm else _GatedMLP(module, multiply)
-            setattr(model.get_submodule(parent_name), child_name, new)
-            replaced.append(name)
-    return replaced
-
-
-def apply_liger_body_kernels(
-    model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True
-) -> list[str]:
-    """Run this model instance's RMSNorms and gated MLPs with Liger-Kernel's Triton kernels.
-
-    Per instance: submodules of this model are replaced by ones that share their parameters;
-    nothing in transformers or liger-kernel is patched, other models are unaffected, and state
-    dict keys are unchanged. RoPE is not offered: transformers applies it through a
-    module-level function, which only a global patch could swap.
-
-    Returns the names of the replaced modules. Raises if liger-kernel is missing, the model is
-    not on CUDA (Liger's kernels are Triton-only), or its family is not one this knows.
-    """
-    try:
-        import liger_kernel.ops as liger_ops
-        from liger_kernel.transformers.rms_norm import LigerRMSNorm
-    except ImportError as error:
-        raise ImportError(
-            "apply_liger_body_kernels needs liger-kernel: pip install liger-kernel"
-        ) from error
-    lm = unwrap_model(model)
-    if lm.get_output_embeddings().weight.device.type != "cuda":
-        raise RuntimeError("Liger's kernels run on CUDA only: move the model to a GPU first")
-    config = _text_config(lm)
-    if config.model_type not in _LIGER_NORM_MODES:
-        raise ValueError(
-            f"no Liger body-kernel mapping for model_type {config.model_type!r}; known: "
-            f"{sorted(_LIGER_NORM_MODES)}"
-        )
-    offset, casting_mode = _LIGER_NORM_MODES[config.model_type]
-    activation = getattr(config, "hidden_activation", None) or config.hidden_act
-    if swiglu and activation not in _LIGER_GATED_ACTIVATIONS:
-        raise ValueError(f"Liger has no fused gated MLP for activation {activation!r}")
-    multiply = getattr(liger_ops, _LIGER_GATED_ACTIVATIONS.get(activation, "LigerSiLUMulFunction"))
-
-    def make_norm(module: nn.Module) -> nn.Module:
-        eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-        norm = LigerRMSNorm(
-            module.weight.shape[0],
-            eps=eps,
-            offset=offset,
-            casting_mode=casting_mode,
-            in_place=False,
-        )
-        norm.weight = module.weight  # the same Parameter: optimizer state and tying survive
-        return norm
-
-    replaced = _swap_body_modules(lm, make_norm, multiply.apply, rms_norm=rms_norm, swiglu=swiglu)
-    logger.info("Liger body kernels on %s: %d modules", type(lm).__name__, len(replaced))
-    return replaced

@@ -18,10 +18,9 @@ from torch import nn
 from fastdpo.attention import packed_attention_kwargs
 from fastdpo.data.collate import collate_pairs
 from fastdpo.data.types import TokenizedPair
+from fastdpo.liger import _swap_body_modules, apply_liger_body_kernels
 from fastdpo.model import (
     SequenceLogps,
-    _swap_body_modules,
-    apply_liger_body_kernels,
     check_packable,
     head_logit_transform,
     sequence_logps,
