@@ -49,6 +49,13 @@ def test_conversational_string_prompt_is_a_user_turn():
     assert e.prompt == [user("Hi")]
 
 
+def test_conversational_replies_may_mix_strings_and_messages():
+    multi = [assistant("a"), user("More?"), assistant("b")]
+    fmt, e = one({"prompt": [user("Hi")], "chosen": multi, "rejected": "No."})
+    assert fmt == "conversational"
+    assert (e.chosen, e.rejected) == (multi, [assistant("No.")])
+
+
 def test_whole_conversation_recovers_shared_prompt():
     shared = [system("Be brief."), user("Hi"), assistant("Hello!"), user("Capital?")]
     chosen = [*shared, assistant("Paris.")]
@@ -182,6 +189,29 @@ ROWS = [
 
 def _canonical(data):
     return [(e.prompt, e.chosen, e.rejected) for e in data]
+
+
+def test_null_cells_are_absent_columns(tmp_path):
+    """Columnar sources give every row every column: a null cell must not change the format."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    columns = {
+        "prompt": ["Hi", "Yo"],
+        "chosen": ["Hello", None],
+        "rejected": ["Go", None],
+        "completion": [None, "Hey"],
+        "label": [None, True],
+    }
+    pq.write_table(pa.Table.from_pydict(columns), tmp_path / "mixed.parquet")
+    data = load_preference_data(tmp_path / "mixed.parquet")
+    assert data.report.formats == {"explicit": 1, "unpaired": 1}
+    assert (data[0].chosen, data[1].completion, data[1].label) == ("Hello", "Hey", True)
+
+
+def test_swapped_column_mapping_is_named_right_in_messages():
+    rows = [{"prompt": "Hi", "chosen": "Go", "rejected": " "}]
+    with pytest.raises(ValueError, match=r"'rejected' \(as 'chosen'\) is empty"):
+        load_preference_data(rows, columns={"chosen": "rejected", "rejected": "chosen"})
 
 
 def test_jsonl_and_json_files(tmp_path):

@@ -31,7 +31,7 @@ def test_collate_layout_by_hand():
         pair("b", [1], [3, 4, 5], [6, 7]),
     ]
     batch = collate_pairs(pairs, pad_to_multiple=8)
-    # sequences: [1 5 6 7 8] [1 5 6 9] [1 3 4 5] [1 6 7], then 1 pad segment of 8 tokens
+    # sequences: [1 5 6 7 8] [1 5 6 9] [1 3 4 5] [1 6 7]: 16 tokens, a multiple of 8, no padding
     assert batch.input_ids.tolist() == [1, 5, 6, 7, 8, 1, 5, 6, 9, 1, 3, 4, 5, 1, 6, 7]
     assert batch.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]
     assert batch.cu_seqlens.tolist() == [0, 5, 9, 13, 16] and batch.num_padding == 0
@@ -80,40 +80,59 @@ token = st.integers(3, 99)
 
 @st.composite
 def tokenized_pairs(draw):
+    """All paired or all unpaired (KTO) examples, with and without loss masks."""
     n = draw(st.integers(1, 24))
+    paired = draw(st.booleans())
     pairs = []
     for i in range(n):
         prompt = draw(st.lists(token, min_size=1, max_size=12))
         chosen = draw(st.lists(token, min_size=1, max_size=16))
-        rejected = draw(st.lists(token, min_size=1, max_size=16))
         mask = draw(st.none() | st.lists(st.booleans(), min_size=len(chosen), max_size=len(chosen)))
-        pairs.append(pair(f"ex{i}", prompt, chosen, rejected, chosen_mask=mask))
+        if paired:
+            rejected = draw(st.lists(token, min_size=1, max_size=16))
+            pairs.append(pair(f"ex{i}", prompt, chosen, rejected, chosen_mask=mask))
+        else:
+            label = draw(st.booleans())
+            pairs.append(pair(f"ex{i}", prompt, chosen, label=label, chosen_mask=mask))
     return pairs
+
+
+def sequences_of(example: TokenizedPair) -> list[tuple[Role, list[int], list[bool] | None]]:
+    """(role, completion ids, loss mask) of each sequence an example contributes, in order."""
+    if not example.is_paired:
+        return [(Role.UNPAIRED, example.chosen_ids, example.chosen_loss_mask)]
+    return [
+        (Role.CHOSEN, example.chosen_ids, example.chosen_loss_mask),
+        (Role.REJECTED, example.rejected_ids, example.rejected_loss_mask),
+    ]
 
 
 def check_batch(batch: PackedBatch, by_id: dict[str, TokenizedPair], budget: int) -> None:
     assert batch.input_ids.shape[0] <= budget
     cu = batch.cu_seqlens.tolist()
+    num_sequences = sum(len(sequences_of(by_id[e])) for e in batch.example_ids)
+    assert batch.num_sequences == num_sequences
     assert cu[0] == 0 and cu[-1] == batch.input_ids.shape[0]
-    assert len(cu) == 2 * batch.num_examples + 1 + (batch.num_padding > 0)
+    assert len(cu) == num_sequences + 1 + (batch.num_padding > 0)
+    assert cu[-1] - cu[num_sequences] == batch.num_padding  # the tail segment is the padding
     assert batch.max_seqlen == max(np.diff(cu))
+    assert batch.num_tokens == sum(by_id[e].num_tokens for e in batch.example_ids)
     ids = batch.input_ids.tolist()
     positions = batch.position_ids.tolist()
     targets = batch.target_positions.tolist()
     target_ids = batch.target_ids.tolist()
     target_cu = batch.target_cu.tolist()
-    assert target_cu[-1] == len(targets) and len(target_cu) == 2 * batch.num_examples + 1
+    assert target_cu[-1] == len(targets) and len(target_cu) == num_sequences + 1
     for s in range(len(cu) - 1):
         start, end = cu[s], cu[s + 1]
         assert positions[start:end] == list(range(end - start))
+    s = 0
     for p, example_id in enumerate(batch.example_ids):
         example = by_id[example_id]
-        for role, completion, mask in (
-            (Role.CHOSEN, example.chosen_ids, example.chosen_loss_mask),
-            (Role.REJECTED, example.rejected_ids, example.rejected_loss_mask),
-        ):
-            s = 2 * p + int(role)  # the pair's two sequences sit side by side
+        for role, completion, mask in sequences_of(example):
+            # an example's sequences sit side by side (a pair: chosen, then rejected)
             assert batch.seq_pair[s] == p and batch.seq_role[s] == role
+            assert batch.seq_label[s] == (role == Role.UNPAIRED and example.label)
             start, end = cu[s], cu[s + 1]
             assert ids[start:end] == example.prompt_ids + completion
             mine = targets[target_cu[s] : target_cu[s + 1]]
@@ -123,6 +142,7 @@ def check_batch(batch: PackedBatch, by_id: dict[str, TokenizedPair], budget: int
             counted = [k for k in range(len(completion)) if mask is None or mask[k]]
             assert mine == [first + k - 1 for k in counted]
             assert target_ids[target_cu[s] : target_cu[s + 1]] == [completion[k] for k in counted]
+            s += 1
 
 
 @settings(max_examples=40, deadline=None)

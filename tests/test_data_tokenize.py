@@ -4,10 +4,12 @@ import logging
 
 import pytest
 
-from fastdpo.data.chat import ChatTemplateError
+from fastdpo.data.chat import ChatTemplateError, Completion, Encoded
 from fastdpo.data.sources import load_preference_data
 from fastdpo.data.tokenize import tokenize_pairs
-from fastdpo.data.validation import BadRowError
+from fastdpo.data.truncation import TruncationOptions, fit_to_max_length
+from fastdpo.data.types import PreferenceExample
+from fastdpo.data.validation import BadRowError, Reason
 from fastdpo.testing.tokenizer import CHATML_TEMPLATE, build_tiny_tokenizer
 
 
@@ -116,6 +118,10 @@ def test_plain_text_gets_bos_and_one_eos(tok):
     assert pair.rejected_ids == [*encode(tok, " no"), tok.eos_token_id]  # not doubled
     (no_eos,) = tokenize_pairs(data, tok, max_length=64, add_eos=False)
     assert no_eos.chosen_ids == encode(tok, " yes")
+    with_bos = load_preference_data(
+        [{"prompt": "<|bos|>Question:", "chosen": "a", "rejected": "b"}]
+    )
+    assert tokenize_pairs(with_bos, tok, max_length=64)[0].prompt_ids == pair.prompt_ids
 
 
 def test_implicit_prompt_and_unpaired(tok):
@@ -241,3 +247,32 @@ def test_cached_skips_do_not_answer_the_error_policy(tok, tmp_path):
     assert again.report.from_cache and again.report.skipped == skipped.report.skipped
     with pytest.raises(BadRowError):
         tokenize_pairs(data, tok, max_length=24, cache_dir=tmp_path)
+
+
+def test_multi_turn_reply_whose_final_turn_is_cut_off_is_a_bad_row(tok):
+    data = load_preference_data([MULTI_TURN])
+    (full,) = tokenize_pairs(data, tok, max_length=256)
+    first_counted = full.chosen_loss_mask.index(True)
+    max_length = len(full.prompt_ids) + first_counted  # the earlier turns fit, the final does not
+    with pytest.raises(BadRowError, match=r"'chosen': no loss token fits"):
+        tokenize_pairs(data, tok, max_length=max_length)
+    skipped = tokenize_pairs(data, tok, max_length=max_length, on_bad_row="skip")
+    assert len(skipped) == 0 and skipped.report.skipped == {"prompt longer than max_length": 1}
+    (kept,) = tokenize_pairs(data, tok, max_length=max_length + 1)
+    assert kept.chosen_loss_mask == full.chosen_loss_mask[: first_counted + 1]
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "empty"),
+    [
+        (Completion([7, 8], [False, False]), Completion([9], None), "chosen"),
+        (Completion([7], None), Completion([], None), "rejected"),
+    ],
+)
+def test_completion_without_a_loss_token_is_empty_content(chosen, rejected, empty):
+    """A sequence with no target would add a log-prob of 0 to the loss: never kept."""
+    example = PreferenceExample(example_id="e", prompt="p", chosen="a", rejected="b")
+    encoded = Encoded([1, 5], [chosen, rejected], False)
+    fitted = fit_to_max_length(example, encoded, TruncationOptions(max_length=16), 1)
+    assert fitted.pair is None
+    assert fitted.problem == (Reason.EMPTY_CONTENT, f"{empty!r} encodes to no loss token")

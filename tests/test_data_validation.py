@@ -12,14 +12,35 @@ from fastdpo.testing.tokenizer import build_tiny_tokenizer
 
 GOOD = {"prompt": "Hi", "chosen": "Hello", "rejected": "Go"}
 
+# (reason, bad row, what the message must say), one case per way a row can be bad
 BAD_ROWS = {
-    Reason.MISSING_COLUMN: ({"prompt": "Hi", "chosen": "Hello"}, "missing column 'rejected'"),
-    Reason.EMPTY_CONTENT: ({"prompt": "Hi", "chosen": "  ", "rejected": "Go"}, "'chosen' is empty"),
-    Reason.NON_STRING_CONTENT: (
+    "missing_column": (
+        Reason.MISSING_COLUMN,
+        {"prompt": "Hi", "chosen": "Hello"},
+        "missing column 'rejected'",
+    ),
+    "null_column": (  # a null cell is an absent column (columnar sources give every row every
+        Reason.MISSING_COLUMN,  # column): this row is explicit, not unpaired
+        {"prompt": "Hi", "chosen": "Hello", "rejected": None, "completion": None, "label": None},
+        "missing column 'rejected'",
+    ),
+    "empty_content": (
+        Reason.EMPTY_CONTENT,
+        {"prompt": "Hi", "chosen": "  ", "rejected": "Go"},
+        "'chosen' is empty",
+    ),
+    "empty_reply_after_shared_prompt": (  # one transcript is the other plus a reply
+        Reason.EMPTY_CONTENT,
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Yo", "rejected": "\n\nHuman: Hi\n\nAssistant: "},
+        "'rejected' has no reply after the shared prompt",
+    ),
+    "non_string_content": (
+        Reason.NON_STRING_CONTENT,
         {"prompt": "Hi", "chosen": "Hello", "rejected": 3},
         "'rejected' has type int",
     ),
-    Reason.UNKNOWN_ROLE: (
+    "unknown_role": (
+        Reason.UNKNOWN_ROLE,
         {
             "prompt": [{"role": "human", "content": "Hi"}],
             "chosen": [{"role": "assistant", "content": "a"}],
@@ -27,45 +48,68 @@ BAD_ROWS = {
         },
         "prompt[0] has role 'human'",
     ),
-    Reason.MALFORMED: (
+    "malformed": (
+        Reason.MALFORMED,
         {"prompt": "Hi", "chosen": ["a"], "rejected": ["b"]},
         "chosen[0] is a str, expected a dict",
     ),
-    Reason.NO_SHARED_PROMPT: (
+    "no_shared_prompt": (
+        Reason.NO_SHARED_PROMPT,
         {"chosen": "Human: a Assistant: b", "rejected": "Human: c Assistant: d"},
         "share no prompt",
     ),
-    Reason.IDENTICAL: (
+    "identical": (
+        Reason.IDENTICAL,
         {"prompt": "Hi", "chosen": "Same", "rejected": "Same"},
         "'chosen' is identical to 'rejected'",
     ),
-    Reason.LABEL_NOT_BOOL: ({"prompt": "Hi", "completion": "a", "label": 1}, "'label' is 1"),
-    Reason.BAD_SCORES: (
+    "identical_after_promotion": (  # a string reply is the same as one assistant message
+        Reason.IDENTICAL,
+        {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "chosen": "Same",
+            "rejected": [{"role": "assistant", "content": "Same"}],
+        },
+        "'chosen' is identical to 'rejected'",
+    ),
+    "label_not_bool": (
+        Reason.LABEL_NOT_BOOL,
+        {"prompt": "Hi", "completion": "a", "label": 1},
+        "'label' is 1",
+    ),
+    "bad_scores": (
+        Reason.BAD_SCORES,
         {"prompt": "Hi", "responses": ["a", "b"], "scores": [1.0, float("nan")]},
         "scores[1] is nan",
     ),
-    Reason.NO_PAIR: ({"prompt": "Hi", "responses": ["a", "b"], "scores": [1, 1]}, "forms no pair"),
+    "no_pair": (
+        Reason.NO_PAIR,
+        {"prompt": "Hi", "responses": ["a", "b"], "scores": [1, 1]},
+        "forms no pair",
+    ),
 }
 
 
-@pytest.mark.parametrize("reason", list(BAD_ROWS), ids=lambda r: r.name)
-def test_bad_row_error_policy_names_row_and_reason(reason):
-    bad, message = BAD_ROWS[reason]
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_bad_row_error_policy_names_file_row_and_reason(case, tmp_path):
+    reason, bad, message = BAD_ROWS[case]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in [GOOD, bad, GOOD]))
     with pytest.raises(BadRowError) as info:
-        load_preference_data([GOOD, bad, GOOD])
+        load_preference_data(path)
     (problem,) = info.value.problems
     assert problem.reason is reason and problem.row == 1
-    assert message in str(info.value) and "row 1" in str(info.value)
+    assert f"{path}, row 1: " in str(info.value) and message in str(info.value)
     assert "on_bad_row='skip'" in str(info.value)
 
 
-@pytest.mark.parametrize("reason", list(BAD_ROWS), ids=lambda r: r.name)
-def test_bad_row_skip_policy_reports_counts(reason, caplog):
-    bad, _ = BAD_ROWS[reason]
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_bad_row_skip_policy_reports_counts(case, caplog):
+    reason, bad, _ = BAD_ROWS[case]
     other_bad = {"prompt": "Hi", "chosen": "x", "rejected": "x"}
     with caplog.at_level(logging.WARNING, logger="fastdpo.data"):
         data = load_preference_data([GOOD, bad, bad, other_bad], on_bad_row="skip")
-    assert len(data) == 1
+    assert [e.prompt for e in data] == ["Hi"] and data[0].row == 0
     expected = {reason.value: 2}
     expected[Reason.IDENTICAL.value] = expected.get(Reason.IDENTICAL.value, 0) + 1
     assert data.report.skipped == expected
@@ -84,8 +128,9 @@ def test_error_lists_first_problems_and_counts_the_rest():
 
 def test_invalid_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "rows.jsonl"
-    path.write_text(json.dumps(GOOD) + "\n{not json\n" + json.dumps(GOOD) + "\n")
-    with pytest.raises(BadRowError, match=r"rows\.jsonl, row 1: line: Expecting"):
+    # a byte-order mark before the first row is not an error
+    path.write_text("\ufeff" + json.dumps(GOOD) + "\n{not json\n" + json.dumps(GOOD) + "\n")
+    with pytest.raises(BadRowError, match=r"rows\.jsonl, row 1: line 2 is not JSON: Expecting"):
         load_preference_data(path)
     data = load_preference_data(path, on_bad_row="skip")
     assert len(data) == 2 and data.report.skipped == {Reason.INVALID_JSON.value: 1}

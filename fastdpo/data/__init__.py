@@ -5,7 +5,8 @@ Modules, in the order data flows through them:
 - `formats` (+ `messages`, `prompts`, `ranking`): a row -> canonical `PreferenceExample`s;
 - `sources`: `load_preference_data`, with column mapping, stable ids and `validation`'s policy;
 - `chat`: one example -> token ids and loss masks (chat template or plain text);
-- `tokenize`: `tokenize_pairs`, with truncation, worker processes and the `cache`;
+- `truncation`: one encoded example fitted into `max_length` (or the reason it cannot be);
+- `tokenize`: `tokenize_pairs`, with the bad-row policy, worker processes and the `cache`;
 - `planner`: best-fit-decreasing assignment of pairs to token-budget micro-batches;
 - `collate`: pairs -> one `PackedBatch`; `packing`: `pack_pairs`, a DataLoader-ready epoch;
 - `types`: the types that cross module boundaries (`PackedBatch` is the contract with the model).

@@ -6,8 +6,9 @@ the prompt's tokens in the full conversation's tokens. If the template does not 
 tokens as an exact prefix (a merge across the boundary, say), the completion text after the
 rendered prompt is tokenized on its own instead and the example is counted as a fallback.
 
-Plain-text examples: the prompt is tokenized with the tokenizer's special tokens (BOS), the
-completion without, and EOS is appended to the completion if missing.
+Plain-text examples: the prompt is tokenized with the tokenizer's special tokens (one BOS, even
+if the text starts with it), the completion without, and EOS is appended to the completion if
+missing.
 
 Loss mask of a multi-turn reply (assistant, user, ..., assistant): by default only the tokens
 of the final assistant turn count, with `loss_on="all_assistant_turns"` every assistant turn's
@@ -77,7 +78,10 @@ def encode_example(
 
 def _encode_text(tokenizer, prompt: str, completions: list[str], options: EncodeOptions) -> Encoded:
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    eos = tokenizer.eos_token_id
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    # A prompt text that starts with the BOS token itself would get a second one.
+    if bos is not None and prompt_ids[:2] == [bos, bos]:
+        prompt_ids = prompt_ids[1:]
     # Some tokenizers also append EOS to every encoded text: a prompt must not end the sequence.
     if eos is not None and len(prompt_ids) > 1 and prompt_ids[-1] == eos:
         prompt_ids = prompt_ids[:-1]

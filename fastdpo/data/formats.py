@@ -111,7 +111,7 @@ def detect_format(row: Mapping[str, Any]) -> str:
 def _require(row: Mapping[str, Any], *names: str) -> None:
     for name in names:
         if name not in row:
-            raise RowProblem(Reason.MISSING_COLUMN, f"missing column {name!r}")
+            raise RowProblem(Reason.MISSING_COLUMN, f"missing column {name!r} (absent or null)")
 
 
 def _paired_texts(row: Mapping[str, Any], fmt: str, options: FormatOptions) -> tuple[Text, ...]:
@@ -119,7 +119,10 @@ def _paired_texts(row: Mapping[str, Any], fmt: str, options: FormatOptions) -> t
     _require(row, "chosen", "rejected")
     chosen = check_text(row["chosen"], "chosen")
     rejected = check_text(row["rejected"], "rejected")
-    if isinstance(chosen, str) != isinstance(rejected, str):
+    if fmt == "conversational":  # replies may mix kinds: a string is one assistant message
+        chosen = as_assistant_reply(chosen, "chosen")
+        rejected = as_assistant_reply(rejected, "rejected")
+    elif isinstance(chosen, str) != isinstance(rejected, str):
         raise RowProblem(
             Reason.MALFORMED, "'chosen' and 'rejected' must both be strings or both be messages"
         )
@@ -142,14 +145,9 @@ def _paired_texts(row: Mapping[str, Any], fmt: str, options: FormatOptions) -> t
         )
     _require(row, "prompt")
     prompt = check_text(row["prompt"], "prompt")
-    if fmt == "explicit":
-        return prompt, chosen, rejected
-    # conversational: a prompt plus assistant replies; strings are promoted to messages
-    return (
-        as_user_prompt(prompt),
-        as_assistant_reply(chosen, "chosen"),
-        as_assistant_reply(rejected, "rejected"),
-    )
+    if fmt == "conversational":
+        prompt = as_user_prompt(prompt)
+    return prompt, chosen, rejected
 
 
 def _promote(prompt: Text, completion: Text, name: str) -> tuple[Text, Text]:

@@ -54,9 +54,9 @@ def best_fit_decreasing(
     sizes = np.asarray(sizes, dtype=np.int64)
     if sizes.size and (sizes.min() < 1 or sizes.max() > budget):
         raise ValueError(f"sizes must lie in [1, {budget}], got [{sizes.min()}, {sizes.max()}]")
-    rng = epoch_rng(seed, epoch)
     if not shuffle:
         return _pack(sizes, np.arange(len(sizes)), budget, max_items_per_batch)
+    rng = epoch_rng(seed, epoch)
     order = rng.permutation(len(sizes))
     window = window or max(len(sizes), 1)
     batches = []

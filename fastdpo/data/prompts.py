@@ -70,4 +70,10 @@ def split_shared_text(
             "'prompt' column",
         )
     end += len(assistant_marker)
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text[end:].strip():  # the other transcript is this one plus a reply
+            raise RowProblem(
+                Reason.EMPTY_CONTENT,
+                f"{name!r} has no reply after the shared prompt {chosen[:end][-40:]!r}",
+            )
     return chosen[:end], chosen[end:], rejected[end:]

@@ -122,7 +122,7 @@ def _file_rows(path: Path) -> Iterator[RawRow]:
 def _json_rows(path: Path) -> Iterator[RawRow]:
     """A JSON array of rows, or JSON Lines (one row per line; many '.json' files are JSONL)."""
     name = str(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is skipped
         head = f.read(4096).lstrip()
         f.seek(0)
         if head.startswith("["):
@@ -144,7 +144,8 @@ def _json_rows(path: Path) -> Iterator[RawRow]:
                         f"{name} holds one JSON object spread over lines; expected a JSON array "
                         "of row objects or JSON Lines (one row object per line)"
                     ) from e
-                yield RawRow(name, index, None, RowProblem(Reason.INVALID_JSON, f"line: {e}"))
+                message = f"line {index + 1} is not JSON: {e.msg} (column {e.colno})"
+                yield RawRow(name, index, None, RowProblem(Reason.INVALID_JSON, message))
             else:
                 yield _as_row(row, name, index)
             first = False
@@ -152,7 +153,7 @@ def _json_rows(path: Path) -> Iterator[RawRow]:
 
 def _is_one_json_object(path: Path) -> bool:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return isinstance(json.load(f), dict)
     except json.JSONDecodeError:
         return False

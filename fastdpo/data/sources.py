@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -58,7 +59,8 @@ def load_preference_data(
             Hugging Face Hub dataset name.
         columns: canonical name -> the dataset's column name, e.g. `{"prompt": "question"}`;
             map a name to None to ignore a column the data has (e.g. `{"id": None}`). Canonical
-            names: id, prompt, chosen, rejected, completion, label, responses, scores.
+            names: id, prompt, chosen, rejected, completion, label, responses, scores. A null
+            cell counts as an absent column (columnar files hold every column in every row).
         on_bad_row: "error" raises one `BadRowError` listing the first problems (after reading
             everything); "skip" drops bad rows and logs the count per reason.
         split, config: which split (of a DatasetDict or Hub dataset) and Hub config to read.
@@ -82,12 +84,13 @@ def load_preference_data(
         try:
             if raw.problem is not None:
                 raise raw.problem
-            row = {canon: raw.values[name] for canon, name in mapping.items() if name in raw.values}
+            row = _canonical_row(raw.values, mapping)
             fmt, made = row_to_examples(row, options, source=raw.source, index=raw.index)
         except RowProblem as problem:
             message = _with_column_names(problem.message, mapping)
             if problem.reason is Reason.MISSING_COLUMN and raw.values is not None:
-                message += f" (the row has columns {sorted(raw.values)})"
+                present = sorted(k for k, v in raw.values.items() if v is not None)
+                message += f" (the row has non-null columns {present})"
             bad_rows.add(BadRow(problem.reason, message, raw.index, raw.source))
             continue
         formats[fmt] += 1
@@ -122,12 +125,26 @@ def _column_mapping(columns: Mapping[str, str | None] | None) -> dict[str, str]:
     return {canon: name for canon, name in mapping.items() if name is not None}
 
 
+def _canonical_row(values: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
+    """The row under canonical names. A null cell counts as an absent column: columnar sources
+    (Parquet, `datasets`) give every row every column, with nulls where a row has no value."""
+    return {
+        canon: values[name]
+        for canon, name in mapping.items()
+        if name in values and values[name] is not None
+    }
+
+
 def _with_column_names(message: str, mapping: dict[str, str]) -> str:
-    """Name the user's columns in a message that speaks of canonical ones."""
-    for canon, name in mapping.items():
-        if name != canon:
-            message = message.replace(f"{canon!r}", f"{name!r} (as {canon!r})")
-    return message
+    """Name the user's columns in a message that speaks of canonical ones (one pass, so a
+    mapping that swaps two names is rendered right)."""
+    renamed = {
+        repr(canon): f"{name!r} (as {canon!r})" for canon, name in mapping.items() if name != canon
+    }
+    if not renamed:
+        return message
+    pattern = "|".join(re.escape(old) for old in renamed)
+    return re.sub(pattern, lambda m: renamed[m.group(0)], message)
 
 
 def _unique_ids(examples: list[PreferenceExample], report: LoadReport) -> list[PreferenceExample]:
