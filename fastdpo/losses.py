@@ -61,23 +61,25 @@ class LossInputs:
 
     def policy(self, *, normalized: bool = False) -> tuple[Tensor, Tensor]:
         """Policy log-probs (chosen, rejected): sums, or per-token averages if `normalized`."""
-        if normalized:
-            return (
-                self.policy_chosen / self.chosen_lengths.clamp(min=1.0),
-                self.policy_rejected / self.rejected_lengths.clamp(min=1.0),
-            )
-        return self.policy_chosen, self.policy_rejected
+        return self._per_sequence(self.policy_chosen, self.policy_rejected, normalized)
 
     def reference(self, *, normalized: bool = False) -> tuple[Tensor, Tensor]:
-        """Reference log-probs (chosen, rejected), as `policy`; zeros for reference-free use."""
+        """Reference log-probs (chosen, rejected), as `policy`; an error if there are none."""
         if self.ref_chosen is None or self.ref_rejected is None:
             raise ValueError("this loss needs reference log-probs (ref_chosen, ref_rejected)")
-        if normalized:
-            return (
-                self.ref_chosen / self.chosen_lengths.clamp(min=1.0),
-                self.ref_rejected / self.rejected_lengths.clamp(min=1.0),
-            )
-        return self.ref_chosen, self.ref_rejected
+        return self._per_sequence(self.ref_chosen, self.ref_rejected, normalized)
+
+    def _per_sequence(
+        self, chosen: Tensor, rejected: Tensor, normalized: bool
+    ) -> tuple[Tensor, Tensor]:
+        if not normalized:
+            return chosen, rejected
+        if self.chosen_lengths is None or self.rejected_lengths is None:
+            raise ValueError("per-token averages need chosen_lengths and rejected_lengths")
+        return (
+            chosen / self.chosen_lengths.clamp(min=1.0),
+            rejected / self.rejected_lengths.clamp(min=1.0),
+        )
 
     def logratios(self, *, normalized: bool = False) -> tuple[Tensor, Tensor]:
         """(rho_c, rho_r) = policy - reference, per sequence."""
@@ -177,6 +179,32 @@ def check_label_smoothing(loss: str, label_smoothing: float, *, allow_zero: bool
         interval = "[0, 0.5)" if allow_zero else "(0, 0.5)"
         raise ValueError(f"loss {loss!r}: label_smoothing must be in {interval}, got {eps}")
     return eps
+
+
+def check_beta(beta: float) -> float:
+    """`beta` as a float if it is a positive finite number; TypeError / ValueError otherwise."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a number, got {beta!r}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a positive finite number, got {beta}")
+    return float(beta)
+
+
+def check_finite(loss: str, name: str, value: float) -> float:
+    """`value` (parameter `name` of `loss`) as a float if it is finite; ValueError otherwise."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"loss {loss!r}: {name} must be a finite number, got {value}")
+    return value
+
+
+def check_reference_given(loss: str, ref_chosen: Tensor | None, ref_rejected: Tensor | None):
+    """ValueError saying what to pass if `loss` (which reads reference log-probs) lacks them."""
+    if ref_chosen is None or ref_rejected is None:
+        raise ValueError(
+            f"loss {loss!r} needs reference log-probs: pass ref_chosen and ref_rejected (e.g. "
+            "from fastdpo.ReferenceCache), or pick a reference-free loss (simpo, orpo, sft)"
+        )
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -426,8 +454,7 @@ def simpo(x: LossInputs, *, gamma: float = 0.5) -> Tensor:
 
     The paper tunes beta in [2, 2.5] and gamma / beta around 0.5; gamma here is absolute.
     """
-    if not math.isfinite(gamma):
-        raise ValueError(f"loss 'simpo': gamma must be a finite number, got {gamma}")
+    gamma = check_finite("simpo", "gamma", gamma)
     avg_c, avg_r = x.policy(normalized=True)
     return F.softplus(-(x.beta * (avg_c - avg_r) - gamma)).mean()
 
@@ -607,7 +634,10 @@ def _build_inputs(
             f"{policy_chosen.dtype} and {policy_rejected.dtype}"
         )
     if policy_rejected.device != policy_chosen.device:
-        raise ValueError("policy_chosen and policy_rejected must be on one device")
+        raise ValueError(
+            f"policy_chosen is on {policy_chosen.device}, policy_rejected on "
+            f"{policy_rejected.device}: move them to one device"
+        )
     paired = components[0][0].paired
     if paired and policy_chosen.shape != policy_rejected.shape:
         raise ValueError(
@@ -618,39 +648,26 @@ def _build_inputs(
         raise ValueError("the batch has no pairs (policy_chosen is empty)")
     if not paired and policy_chosen.numel() + policy_rejected.numel() == 0:
         raise ValueError("the batch has no completions (policy_chosen and policy_rejected empty)")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a number, got {beta!r}")
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a positive finite number, got {beta}")
+    beta = check_beta(beta)
 
     needs_reference = [spec.name for spec, _ in components if spec.needs_reference]
-    if needs_reference and (ref_chosen is None or ref_rejected is None):
-        raise ValueError(
-            f"loss {needs_reference[0]!r} needs reference log-probs: pass ref_chosen and "
-            "ref_rejected (e.g. from fastdpo.ReferenceCache), or pick a reference-free loss "
-            "(simpo, orpo, sft)"
-        )
-    if (ref_chosen is None) != (ref_rejected is None):
-        raise ValueError("pass both ref_chosen and ref_rejected, or neither")
-    if ref_chosen is not None:
-        _check_tensor("ref_chosen", ref_chosen, policy_chosen)
-        _check_tensor("ref_rejected", ref_rejected, policy_rejected)
-        ref_chosen = ref_chosen.to(policy_chosen.dtype)
-        ref_rejected = ref_rejected.to(policy_chosen.dtype)
-
+    if needs_reference:
+        check_reference_given(needs_reference[0], ref_chosen, ref_rejected)
+    ref_chosen, ref_rejected = _optional_pair(
+        ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected), policy_chosen, policy_rejected
+    )
     needs_lengths = [spec.name for spec, _ in components if spec.needs_lengths]
     if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(
             f"loss {needs_lengths[0]!r} needs completion token counts: pass chosen_lengths and "
             "rejected_lengths ([P] each)"
         )
-    if (chosen_lengths is None) != (rejected_lengths is None):
-        raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
-    if chosen_lengths is not None:
-        _check_tensor("chosen_lengths", chosen_lengths, policy_chosen)
-        _check_tensor("rejected_lengths", rejected_lengths, policy_rejected)
-        chosen_lengths = chosen_lengths.to(policy_chosen.dtype)
-        rejected_lengths = rejected_lengths.to(policy_chosen.dtype)
+    chosen_lengths, rejected_lengths = _optional_pair(
+        ("chosen_lengths", chosen_lengths),
+        ("rejected_lengths", rejected_lengths),
+        policy_chosen,
+        policy_rejected,
+    )
 
     return LossInputs(
         policy_chosen=policy_chosen,
@@ -659,8 +676,27 @@ def _build_inputs(
         ref_rejected=ref_rejected,
         chosen_lengths=chosen_lengths,
         rejected_lengths=rejected_lengths,
-        beta=float(beta),
+        beta=beta,
     )
+
+
+def _optional_pair(
+    chosen: tuple[str, Tensor | None],
+    rejected: tuple[str, Tensor | None],
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+) -> tuple[Tensor | None, Tensor | None]:
+    """An optional (chosen, rejected) pair of per-sequence inputs, both or neither given, each
+    shaped like its policy log-probs and cast to their dtype."""
+    (chosen_name, chosen_value), (rejected_name, rejected_value) = chosen, rejected
+    if (chosen_value is None) != (rejected_value is None):
+        raise ValueError(f"pass both {chosen_name} and {rejected_name}, or neither")
+    if chosen_value is None:
+        return None, None
+    _check_tensor(chosen_name, chosen_value, policy_chosen)
+    _check_tensor(rejected_name, rejected_value, policy_rejected)
+    dtype = policy_chosen.dtype
+    return chosen_value.to(dtype), rejected_value.to(dtype)
 
 
 def _safe_mean(values: Tensor) -> Tensor:

@@ -398,7 +398,7 @@ def _v_splits(
     """(splits, vocabulary tiles per split) for a grid of `row_tiles` x splits; no split empty."""
     wanted = config.split_v
     if wanted is None:
-        wanted = triton.cdiv(_num_programs_wanted(device), row_tiles)
+        wanted = triton.cdiv(_num_programs_wanted(device), max(row_tiles, 1))  # N may be 0
     wanted = max(1, min(wanted, v_tiles, max_splits))
     tiles_per_split = triton.cdiv(v_tiles, wanted)
     return triton.cdiv(v_tiles, tiles_per_split), tiles_per_split
@@ -419,24 +419,35 @@ def _check_inputs(
     if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"hidden must be fp16, bf16 or fp32, got {hidden.dtype}")
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
-        raise TypeError("hidden, weight and bias must share one dtype")
+        raise TypeError(
+            f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias "
+            f"({None if bias is None else bias.dtype}) must share one dtype: cast them"
+        )
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.stride(0) != 1):
-        raise ValueError(f"bias must be a contiguous [V] tensor, got {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must be a contiguous [V={weight.shape[0]}] tensor, got shape "
+            f"{tuple(bias.shape)} stride {bias.stride()}: pass bias.contiguous()"
+        )
     rows = hidden.shape[0]
     if targets.shape != (rows,) or targets.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"targets must be int32/int64 [N={rows}], got {targets.dtype} {tuple(targets.shape)}"
         )
     if targets.stride(0) != 1:
-        raise ValueError("targets must be contiguous")
+        raise ValueError("targets must be contiguous: pass targets.contiguous()")
     for name, vector in row_vectors.items():
         if vector.shape != (rows,) or vector.dtype != torch.float32 or vector.stride(0) != 1:
-            raise ValueError(f"{name} must be a contiguous fp32 [N={rows}] tensor")
-    tensors = [hidden, weight, targets, *row_vectors.values()]
-    if bias is not None:
-        tensors.append(bias)
-    if any(t.device != hidden.device for t in tensors):
-        raise ValueError("all tensors must be on one device")
+            raise ValueError(
+                f"{name} must be a contiguous fp32 [N={rows}] tensor, got {vector.dtype} "
+                f"{tuple(vector.shape)}"
+            )
+    named = {"weight": weight, "targets": targets, "bias": bias, **row_vectors}
+    for name, tensor in named.items():
+        if tensor is not None and tensor.device != hidden.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but hidden is on {hidden.device}: move them to "
+                "one device"
+            )
     if hidden.device.type != "cuda" and not is_interpreted():
         raise ValueError(
             f"tensors are on {hidden.device}: the kernels need CUDA, or TRITON_INTERPRET=1 set "

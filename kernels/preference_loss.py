@@ -29,7 +29,6 @@ the two together.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -59,15 +58,6 @@ NUM_METRICS = len(METRIC_NAMES)
 
 _BLOCK_TOKENS = 1024
 _BLOCK_PAIRS = 1024
-
-# triton.jit decides at decoration time whether to interpret: record what it saw.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def is_interpreted() -> bool:
-    """True if these kernels were defined under TRITON_INTERPRET=1 (they then run on the CPU)."""
-    return _INTERPRETED
-
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
@@ -242,6 +232,12 @@ def _preference_loss_bwd_kernel(
 # Launchers
 
 
+def is_interpreted() -> bool:
+    """True if these kernels were built for the Triton interpreter (TRITON_INTERPRET set before
+    import, in any spelling Triton accepts); they then run on the CPU."""
+    return type(_preference_loss_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 @dataclass(frozen=True)
 class ForwardResult:
     """What the forward launch returns (all on the inputs' device)."""
@@ -267,7 +263,7 @@ def _check_inputs(
             f"token_logps must be fp32 [M], got {token_logps.dtype} {tuple(token_logps.shape)}"
         )
     if not token_logps.is_contiguous():
-        raise ValueError("token_logps must be contiguous")
+        raise ValueError("token_logps must be contiguous: pass token_logps.contiguous()")
     if target_cu.dim() != 1 or target_cu.dtype != torch.int32 or not target_cu.is_contiguous():
         raise ValueError(
             f"target_cu must be contiguous int32 [S + 1], got {target_cu.dtype} "
@@ -280,7 +276,10 @@ def _check_inputs(
             "(sequence 2p chosen, 2p + 1 rejected)"
         )
     if target_cu.device != token_logps.device:
-        raise ValueError("target_cu and token_logps must be on one device")
+        raise ValueError(
+            f"target_cu is on {target_cu.device}, token_logps on {token_logps.device}: move "
+            "them to one device"
+        )
     if valid is not None and (
         valid.shape != token_logps.shape
         or valid.dtype not in (torch.int8, torch.uint8)
@@ -330,7 +329,7 @@ def preference_loss_forward(
                     f"{tuple(ref.shape)}"
                 )
             if ref.device != token_logps.device:
-                raise ValueError(f"{name} must be on token_logps' device")
+                raise ValueError(f"{name} is on {ref.device}, token_logps on {token_logps.device}")
     device = token_logps.device
     num_sequences = 2 * num_pairs
     seq_logps = torch.empty(num_sequences, dtype=torch.float32, device=device)

@@ -148,7 +148,7 @@ TORCH_CASES = [
 # The interpreter is slow: few, tiny cases that still cover every feature and masked edges.
 TRITON_CASES = [
     Case(37, 48, 1001, bias=True, softcap=4.0, temperature=0.7, lse_grad=True),
-    Case(20, 40, 203),
+    Case(20, 40, 203, temperature=1.5),  # temperature without soft-capping
     Case(3, 64, 130, bias=True, lse_grad=True),
 ]
 
@@ -277,6 +277,19 @@ def test_all_rows_ignored(impl):
     assert torch.equal(logp, torch.zeros(6))
     for leaf in (hidden, weight, bias):
         assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_no_rows(impl):
+    """An empty batch (N = 0) gives an empty result and zero gradients, not an error."""
+    hidden = torch.randn(0, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    logp = linear_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), bias=bias, impl=impl)
+    logp.sum().backward()
+    assert logp.shape == (0,) and hidden.grad.shape == (0, 16)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
 
 
 def test_leading_dims_and_int32_targets():

@@ -164,17 +164,7 @@ def test_loss_gradcheck_float64(name, params):
         params = {"bco_state": RunningMean(mean=torch.tensor(0.3, dtype=F64), count=big)}
 
     def fn(pc, pr):
-        return preference_loss(
-            pc,
-            pr,
-            b["rc"],
-            b["rr"],
-            loss=name,
-            beta=beta,
-            chosen_lengths=b["lc"],
-            rejected_lengths=b["lr"],
-            **params,
-        )[0]
+        return _call(name, dict(b, pc=pc, pr=pr), beta=beta, **params)[0]
 
     assert torch.autograd.gradcheck(fn, (b["pc"], b["pr"]))
 

@@ -21,9 +21,11 @@ Backward, with g = dL/dlogp and g_lse = dL/dlse (when `return_lse=True`), p = so
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -125,8 +127,11 @@ def _validate(
             f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
             f"got {tuple(targets.shape)}"
         )
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor (int64 or int32), got {targets.dtype}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"targets must be an integer tensor (int64 or int32), got {targets.dtype}: "
+            "pass targets.long()"
+        )
     if bias is not None and bias.shape != (vocab,):
         raise ValueError(f"bias must have shape [V] = [{vocab}], got {tuple(bias.shape)}")
     if hidden.dtype not in FLOAT_DTYPES:
@@ -164,7 +169,7 @@ def _triton_unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cpu":
         if kernels.is_interpreted():
             return None
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on"):
             return (
                 "TRITON_INTERPRET=1 was set after fastdpo.kernels was imported; set it before "
                 "the first import, or use impl='torch'"
@@ -226,7 +231,8 @@ def _chunk_logits(
     hidden_chunk: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    options: LinearLogprobsOptions,
+    softcap: float | None,
+    temperature: float,
     work: _ChunkWorkspace,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp32 logits [rows, V] of one row chunk after bias, soft-capping and temperature.
@@ -245,15 +251,15 @@ def _chunk_logits(
         torch.addmm(bias, hidden_chunk, weight.T, out=product)
     if product is not logits:
         logits.copy_(product)
-    scale = 1.0 / options.temperature
-    if options.softcap is None:
+    scale = 1.0 / temperature
+    if softcap is None:
         if scale != 1.0:
             logits.mul_(scale)
         return logits, None
-    tanh = logits.div_(options.softcap).tanh_()
+    tanh = logits.div_(softcap).tanh_()
     if work.capped is None:
-        return tanh.mul_(options.softcap * scale), None
-    return torch.mul(tanh, options.softcap * scale, out=work.capped[:rows]), tanh
+        return tanh.mul_(softcap * scale), None
+    return torch.mul(tanh, softcap * scale, out=work.capped[:rows]), tanh
 
 
 def _torch_forward(
@@ -261,17 +267,21 @@ def _torch_forward(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     safe_targets: torch.Tensor,
-    options: LinearLogprobsOptions,
+    *,
+    softcap: float | None,
+    temperature: float,
+    chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target logits [N] fp32 and log-sum-exp [N] fp32 (unmasked), chunk by chunk."""
+    """Target logits [N] fp32 and log-sum-exp [N] fp32 (unmasked), chunk by chunk; the same
+    contract as `fastdpo.kernels.linear_logprobs.linear_logprobs_forward`."""
     rows = hidden.shape[0]
     target_logits = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-    step = _rows_per_chunk(weight.shape[0], options.chunk_bytes)
+    step = _rows_per_chunk(weight.shape[0], chunk_bytes)
     work = _ChunkWorkspace(min(step, rows), weight, with_tanh=False)
     for start in range(0, rows, step):
         end = min(start + step, rows)
-        logits, _ = _chunk_logits(hidden[start:end], weight, bias, options, work)
+        logits, _ = _chunk_logits(hidden[start:end], weight, bias, softcap, temperature, work)
         torch.gather(logits, 1, safe_targets[start:end, None], out=target_logits[start:end, None])
         # logsumexp in place (torch.logsumexp would allocate another [rows, V] temporary).
         row_max = logits.amax(dim=1)
@@ -288,19 +298,24 @@ def _torch_backward(
     lse: torch.Tensor,
     grad_target: torch.Tensor,
     grad_softmax: torch.Tensor,
-    options: LinearLogprobsOptions,
-    needs: tuple[bool, bool, bool],
+    *,
+    softcap: float | None,
+    temperature: float,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    chunk_bytes: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dH, dW, db) in the inputs' dtype, each None unless `needs` asks for it.
+    """(dH, dW, db) in the inputs' dtype, each None unless asked for; the same contract as
+    `fastdpo.kernels.linear_logprobs.linear_logprobs_backward`.
 
     dL/dz[i, v] = grad_target[i] * [v == t[i]] + grad_softmax[i] * p[i, v]; both [N] fp32 and
     zero on ignored rows.
     """
-    need_hidden, need_weight, need_bias = needs
     rows, dtype, device = hidden.shape[0], hidden.dtype, hidden.device
     vocab = weight.shape[0]
-    step = _rows_per_chunk(vocab, options.chunk_bytes)
-    work = _ChunkWorkspace(min(step, rows), weight, with_tanh=options.softcap is not None)
+    step = _rows_per_chunk(vocab, chunk_bytes)
+    work = _ChunkWorkspace(min(step, rows), weight, with_tanh=softcap is not None)
     grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=device) if need_hidden else None
     # dW always accumulates in fp32, from the fp32 dL/dlogits: chunks add up without rounding.
     grad_weight = None
@@ -308,13 +323,13 @@ def _torch_backward(
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
     # The temperature's 1/T factor of the chain rule, folded into the per-row coefficients.
-    scale = 1.0 / options.temperature
+    scale = 1.0 / temperature
     grad_target = grad_target * scale
     grad_softmax = grad_softmax * scale
     for start in range(0, rows, step):
         end = min(start + step, rows)
         hidden_chunk = hidden[start:end]
-        logits, tanh = _chunk_logits(hidden_chunk, weight, bias, options, work)
+        logits, tanh = _chunk_logits(hidden_chunk, weight, bias, softcap, temperature, work)
         grad_logits = logits.sub_(lse[start:end, None]).exp_()  # softmax p, in place
         grad_logits.mul_(grad_softmax[start:end, None])
         grad_logits.scatter_add_(1, safe_targets[start:end, None], grad_target[start:end, None])
@@ -339,10 +354,17 @@ def _torch_backward(
 # Autograd
 
 
-def _triton_kernels():
-    from fastdpo.kernels import linear_logprobs as kernels
+def _implementation(options: LinearLogprobsOptions) -> tuple[Callable, Callable]:
+    """(forward, backward) of the resolved impl; both take the kernel launchers' arguments
+    (`fastdpo.kernels.linear_logprobs.linear_logprobs_forward` / `_backward`)."""
+    if options.impl == "triton":
+        from fastdpo.kernels import linear_logprobs as kernels
 
-    return kernels
+        return kernels.linear_logprobs_forward, kernels.linear_logprobs_backward
+    return (
+        functools.partial(_torch_forward, chunk_bytes=options.chunk_bytes),
+        functools.partial(_torch_backward, chunk_bytes=options.chunk_bytes),
+    )
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -359,17 +381,15 @@ class LinearLogprobsFunction(torch.autograd.Function):
         # Clamped so that a bad target that slipped past the async check never indexes out of
         # bounds (the check still reports it).
         safe_targets = torch.where(valid, targets, 0).clamp_(0, weight.shape[0] - 1)
-        if options.impl == "triton":
-            target_logits, lse = _triton_kernels().linear_logprobs_forward(
-                hidden,
-                weight,
-                bias,
-                safe_targets,
-                softcap=options.softcap,
-                temperature=options.temperature,
-            )
-        else:
-            target_logits, lse = _torch_forward(hidden, weight, bias, safe_targets, options)
+        forward, _ = _implementation(options)
+        target_logits, lse = forward(
+            hidden,
+            weight,
+            bias,
+            safe_targets,
+            softcap=options.softcap,
+            temperature=options.temperature,
+        )
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
         logp = torch.where(valid, target_logits - lse, zero)
         masked_lse = torch.where(valid, lse, zero)
@@ -381,44 +401,28 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_lse):
         hidden, weight, bias, safe_targets, valid, lse = ctx.saved_tensors
         options: LinearLogprobsOptions = ctx.options
-        needs = (
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            bias is not None and ctx.needs_input_grad[2],
-        )
-        if not any(needs):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        if not (need_hidden or need_weight or need_bias):
             return None, None, None, None, None
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_target = torch.where(valid, grad_logp.float(), zero)
         grad_softmax = torch.where(valid, grad_lse.float() - grad_logp.float(), zero)
-        if options.impl == "triton":
-            grads = _triton_kernels().linear_logprobs_backward(
-                hidden,
-                weight,
-                bias,
-                safe_targets,
-                lse,
-                grad_target,
-                grad_softmax,
-                softcap=options.softcap,
-                temperature=options.temperature,
-                need_hidden=needs[0],
-                need_weight=needs[1],
-                need_bias=needs[2],
-            )
-        else:
-            grads = _torch_backward(
-                hidden,
-                weight,
-                bias,
-                safe_targets,
-                lse,
-                grad_target,
-                grad_softmax,
-                options,
-                needs,
-            )
-        grad_hidden, grad_weight, grad_bias = grads
+        _, backward = _implementation(options)
+        grad_hidden, grad_weight, grad_bias = backward(
+            hidden,
+            weight,
+            bias,
+            safe_targets,
+            lse,
+            grad_target,
+            grad_softmax,
+            softcap=options.softcap,
+            temperature=options.temperature,
+            need_hidden=need_hidden,
+            need_weight=need_weight,
+            need_bias=need_bias,
+        )
         return grad_hidden, grad_weight, grad_bias, None, None
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -34,21 +33,14 @@ Impl = Literal["auto", "triton", "torch"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "torch")
 
 # The kernel's losses and the registry functions whose formulas it re-implements: if a user
-# re-registers one of these names, the kernel no longer matches and is not used.
+# re-registers one of these names, the kernel no longer matches and is not used. The kernel takes
+# the same keyword parameters as these functions, with their defaults.
 _KERNEL_FORMULAS = {
     "sigmoid": losses.sigmoid,
     "robust": losses.robust,
     "hinge": losses.hinge,
     "ipo": losses.ipo,
     "simpo": losses.simpo,
-}
-# Parameters the kernel takes, per loss (defaults: those of the functions in fastdpo.losses).
-_KERNEL_PARAMS = {
-    "sigmoid": ("label_smoothing",),
-    "robust": ("label_smoothing",),
-    "hinge": (),
-    "ipo": (),
-    "simpo": ("gamma",),
 }
 
 
@@ -103,7 +95,10 @@ def _validate(
                 f"got {valid.dtype} {tuple(valid.shape)}"
             )
         if valid.device != token_logps.device:
-            raise ValueError("valid and token_logps must be on one device")
+            raise ValueError(
+                f"valid is on {valid.device}, token_logps on {token_logps.device}: move them to "
+                "one device"
+            )
     num_tokens = token_logps.shape[0]
     ok = (
         (target_cu[0] == 0)
@@ -168,25 +163,19 @@ def _kernel_options(
     spec = losses.LOSSES.get(loss)
     if spec is None or spec.fn is not _KERNEL_FORMULAS[loss]:
         return None, f"loss {loss!r} was re-registered, so the kernel's formula no longer applies"
-    unknown = sorted(set(loss_params) - set(_KERNEL_PARAMS[loss]))
+    unknown = sorted(set(loss_params) - set(spec.params))
     if unknown:
         return None, f"the kernel for {loss!r} takes no parameter(s) {unknown}"
     if any(ref is not None and ref.requires_grad for ref in (ref_chosen, ref_rejected)):
         return None, "the kernel treats reference log-probs as constants, but they require grad"
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a number, got {beta!r}")
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a positive finite number, got {beta}")
     # Missing parameters take the registered function's defaults, so both paths agree.
-    signature = inspect.signature(_KERNEL_FORMULAS[loss]).parameters
-    params = {name: loss_params.get(name, signature[name].default) for name in _KERNEL_PARAMS[loss]}
+    signature = inspect.signature(spec.fn).parameters
+    params = {name: loss_params.get(name, signature[name].default) for name in spec.params}
     if "label_smoothing" in params:
         params["label_smoothing"] = losses.check_label_smoothing(loss, params["label_smoothing"])
     if "gamma" in params:
-        params["gamma"] = float(params["gamma"])
-        if not math.isfinite(params["gamma"]):
-            raise ValueError(f"loss 'simpo': gamma must be a finite number, got {params['gamma']}")
-    return PackedLossOptions(loss=loss, beta=float(beta), **params), ""
+        params["gamma"] = losses.check_finite(loss, "gamma", params["gamma"])
+    return PackedLossOptions(loss=loss, beta=losses.check_beta(beta), **params), ""
 
 
 def _resolve_impl(impl: str, device: torch.device, why_not: str) -> Literal["triton", "torch"]:
@@ -264,11 +253,8 @@ def _triton_path(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     kernels = _kernels()
     needs_ref = options.loss not in kernels.REFERENCE_FREE
-    if needs_ref and (ref_chosen is None or ref_rejected is None):
-        raise ValueError(
-            f"loss {options.loss!r} needs reference log-probs: pass ref_chosen and ref_rejected "
-            "(e.g. from fastdpo.ReferenceCache), or pick a reference-free loss (simpo, orpo, sft)"
-        )
+    if needs_ref:
+        losses.check_reference_given(options.loss, ref_chosen, ref_rejected)
 
     def as_kernel_ref(ref):
         return ref.detach().to(torch.float32).contiguous() if needs_ref else None
