@@ -32,6 +32,7 @@ from fastdpo.attention import (
 )
 from fastdpo.data.types import PackedBatch
 from fastdpo.ops.linear_logprobs import linear_logprobs
+from fastdpo.ops.segments import segment_sums
 
 logger = logging.getLogger(__name__)
 
@@ -272,19 +273,6 @@ def _check_batch(batch: PackedBatch, device: torch.device) -> None:
         )
 
 
-def _segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Sums of `values` [M] over the segments `offsets` [S + 1], in `values`' dtype [S].
-
-    Differences of one float64 prefix sum at the offsets: no host sync, and deterministic
-    (an index_add would add in a different order on every CUDA run); in float64 the
-    cancellation error (~1e-16 of the running sum) stays far below fp32 rounding.
-    """
-    prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
-    offsets = offsets.long()
-    ends, starts = prefix.index_select(0, offsets[1:]), prefix.index_select(0, offsets[:-1])
-    return (ends - starts).to(values.dtype)
-
-
 # ------------------------------------------------------------------------------------------------
 # The forward
 
@@ -348,7 +336,7 @@ def sequence_logps(
         temperature=temperature,
         impl=impl,
     )
-    logps = _segment_sums(token_logps, batch.target_cu)
+    logps, _ = segment_sums(token_logps, batch.target_cu)
     lengths = batch.target_cu[1:] - batch.target_cu[:-1]
     result = SequenceLogps(
         logps=logps,

@@ -10,7 +10,8 @@ import torch
 from fastdpo.kernels import preference_loss as kernels
 
 from fastdpo import losses
-from fastdpo.ops.preference_loss import packed_preference_loss, segment_sums
+from fastdpo.ops.preference_loss import packed_preference_loss
+from fastdpo.ops.segments import segment_sums
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

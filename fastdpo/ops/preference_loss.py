@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 
 from fastdpo import losses
+from fastdpo.ops.segments import segment_sums
 
 logger = logging.getLogger(__name__)
 
@@ -270,26 +271,6 @@ def _triton_path(
     metrics = dict(zip(kernels.METRIC_NAMES[1:], metric_values.unbind(0), strict=True))
     metrics[f"loss/{options.loss}"] = loss.detach()
     return loss, metrics
-
-
-def segment_sums(
-    token_logps: torch.Tensor, target_cu: torch.Tensor, valid: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums [S] in token_logps' dtype, valid-token counts [S] int64) per segment, in PyTorch.
-
-    Differentiable in token_logps; masked tokens contribute nothing. No host sync.
-    """
-    offsets = target_cu.to(torch.int64)
-    if valid is None:
-        values, counts = token_logps, offsets[1:] - offsets[:-1]
-    else:
-        values = torch.where(valid, token_logps, torch.zeros_like(token_logps))
-        # Integer prefix sums count exactly (segment_reduce takes no integer dtype on the CPU).
-        prefix = torch.nn.functional.pad(valid.to(torch.int64).cumsum(0), (1, 0))
-        counts = prefix[offsets[1:]] - prefix[offsets[:-1]]
-    # unsafe=True skips segment_reduce's own offset checks, which read them on the host.
-    sums = torch.segment_reduce(values, "sum", offsets=offsets, unsafe=True)
-    return sums, counts
 
 
 def _torch_path(

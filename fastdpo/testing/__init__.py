@@ -1,1 +1,1 @@
-"""Tiny tokenizers and models built locally for tests, the demo and CPU benchmarks (no downloads)."""
+"""Tiny tokenizers and models built locally for tests, the demo and CPU benchmarks."""
