@@ -1,0 +1,360 @@
+"""The reference pass: one inference pass of the reference model that writes a cache folder.
+
+The examples are sorted by id and cut into shards of `examples_per_shard` examples; that plan
+depends only on the data, never on the number of processes, so a two-rank build writes the same
+shards as a one-rank build. Under `torch.distributed` rank r computes shards r, r + W, ...;
+rank 0 writes the manifest once every shard has its record. A restarted build keeps every
+shard whose record matches the plan and whose bytes match the record, and computes the rest.
+
+Inside a shard the examples are packed into token-budget micro-batches (both sequences of a
+pair together) and run through `sequence_logps` under `torch.inference_mode`: no logits, no
+autograd state, so the budget can be several times the training one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from fastdpo.data.packing import pack_pairs
+from fastdpo.data.types import PackedBatch, Role, TokenizedPair
+from fastdpo.model import sequence_logps
+from fastdpo.reference_fingerprint import Fingerprint, compute_fingerprint, example_digest
+from fastdpo.reference_shards import (
+    ReferenceCacheError,
+    ShardRecord,
+    finalize_manifest,
+    prepare_folder,
+    shard_content_digest,
+    shard_is_done,
+    write_shard,
+)
+
+logger = logging.getLogger("fastdpo.reference")
+
+REBUILD_HINT = (
+    "`fastdpo precompute-ref --model <reference model> --data <data> --out <dir>` "
+    "with the training run's tokenization settings"
+)
+
+
+@dataclass(kw_only=True)
+class BuildOptions:
+    """How the reference pass runs (none of these change the values computed)."""
+
+    max_tokens_per_batch: int = 16384
+    """Token budget of one packed micro-batch: larger than training's (no activations kept)."""
+    examples_per_shard: int = 1024
+    """Examples per shard file: the unit of resume and of work split between ranks."""
+    per_token: bool = False
+    """Also store per-token log-probs (4 bytes per completion token)."""
+    overwrite: bool = False
+    """Replace a cache (finished or not) that was built from other inputs or another plan."""
+    num_workers: int = 0
+    """DataLoader worker processes that collate batches (0: in this process)."""
+    progress: bool = True
+    """Show a progress bar (rank 0 only) with tokens/s and ETA."""
+    command: str | None = None
+    """The command line that started the build, recorded in the manifest for rebuild hints."""
+    on_shard_written: Callable[[ShardRecord], None] | None = None
+    """Called after each shard and its record are on disk (progress reporting, tests)."""
+
+
+def build_cache(
+    model: torch.nn.Module,
+    examples: Sequence[TokenizedPair],
+    out_dir: str | Path,
+    *,
+    tokenizer: Any | None,
+    tokenization: Mapping[str, Any] | Any,
+    options: BuildOptions,
+) -> Path:
+    """Compute the reference log-probs of `examples` under `model` into `out_dir`.
+
+    Every rank of an initialized process group must call this with the same examples and
+    settings (its own replica of the model on its own device). Returns the cache folder once
+    the manifest is written (on every rank).
+    """
+    out_dir = Path(out_dir)
+    if options.max_tokens_per_batch < 1 or options.examples_per_shard < 1:
+        raise ValueError("max_tokens_per_batch and examples_per_shard must be positive")
+    ordered = _sorted_unique(examples)
+    digests = [example_digest(p) for p in ordered]
+    fingerprint = compute_fingerprint(
+        model=model, tokenizer=tokenizer, tokenization=tokenization, example_digests=digests
+    )
+    size = options.examples_per_shard
+    shard_ranges = [(s, min(s + size, len(ordered))) for s in range(0, len(ordered), size)]
+    plan = {
+        "num_examples": len(ordered),
+        "examples_per_shard": size,
+        "per_token": options.per_token,
+        "shard_contents": [shard_content_digest(digests[a:b]) for a, b in shard_ranges],
+    }
+    rank, world = _rank_and_world()
+    _check_ranks_agree(fingerprint, plan, world)
+
+    status = None
+    if rank == 0:
+        try:
+            status = prepare_folder(out_dir, fingerprint, plan, options.overwrite)
+        except (ReferenceCacheError, OSError) as e:  # reported on every rank, none left waiting
+            status = f"error:{e}"
+    status = _broadcast(status, world)
+    if status.startswith("error:"):
+        raise ReferenceCacheError(status.removeprefix("error:"))
+    if status == "complete":
+        logger.info("reference cache %s is complete and matches: nothing to compute", out_dir)
+        return out_dir
+
+    num_shards = len(shard_ranges)
+    mine = [i for i in range(num_shards) if i % world == rank]
+    todo = [i for i in mine if not shard_is_done(out_dir, i, num_shards, plan)]
+    logger.info(
+        "rank %d: %d of its %d shards already done, %d to compute",
+        rank,
+        len(mine) - len(todo),
+        len(mine),
+        len(todo),
+    )
+    device = next(model.parameters()).device
+    total_tokens = sum(ordered[j].num_tokens for i in todo for j in range(*shard_ranges[i]))
+    bar = tqdm(
+        total=total_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="reference log-probs",
+        disable=not options.progress or rank != 0,
+    )
+    was_training = model.training
+    model.eval()  # no dropout: the reference values are deterministic
+    started = time.perf_counter()
+    try:
+        for done, i in enumerate(todo, 1):
+            a, b = shard_ranges[i]
+            columns = compute_columns(
+                model,
+                ordered[a:b],
+                digests[a:b],
+                max_tokens_per_batch=options.max_tokens_per_batch,
+                per_token=options.per_token,
+                device=device,
+                num_workers=options.num_workers,
+                on_batch=bar.update,
+            )
+            record = write_shard(
+                out_dir,
+                index=i,
+                num_shards=num_shards,
+                example_ids=[p.example_id for p in ordered[a:b]],
+                columns=columns,
+                content=plan["shard_contents"][i],
+            )
+            bar.set_postfix(shards=f"{done}/{len(todo)}")
+            if options.on_shard_written is not None:
+                options.on_shard_written(record)
+    finally:
+        model.train(was_training)
+        bar.close()
+    seconds = time.perf_counter() - started
+
+    _barrier(world)
+    if rank == 0:
+        build_info = {
+            "world_size": world,
+            "device": str(device),
+            "max_tokens_per_batch": options.max_tokens_per_batch,
+            "rank0_seconds": round(seconds, 3),
+            "rank0_tokens": total_tokens,
+            "command": options.command,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        finalize_manifest(out_dir, fingerprint, plan, num_shards, build_info)
+    _barrier(world)
+    return out_dir
+
+
+def compute_columns(
+    model: torch.nn.Module,
+    pairs: Sequence[TokenizedPair],
+    digests: Sequence[tuple[str, int]],
+    *,
+    max_tokens_per_batch: int,
+    per_token: bool,
+    device: torch.device,
+    num_workers: int = 0,
+    on_batch: Callable[[int], Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The shard columns (see `reference_shards`) of `pairs`, in their order.
+
+    Results stay on the device until the end of the shard: one host transfer per shard, not
+    per batch, so the host keeps feeding batches while the device computes.
+    """
+    row_of = {p.example_id: i for i, p in enumerate(pairs)}
+    seq_rows, seq_roles, seq_lengths, seq_logps, token_logps = [], [], [], [], []
+    with torch.inference_mode():
+        for batch in _packed_batches(pairs, max_tokens_per_batch, num_workers, device):
+            rows = torch.tensor([row_of[e] for e in batch.example_ids], dtype=torch.int64)
+            seq_rows.append(rows[batch.seq_pair])
+            seq_roles.append(batch.seq_role)
+            seq_lengths.append(batch.completion_lengths)
+            out = sequence_logps(
+                model, batch.to(device, non_blocking=True), return_token_logps=per_token
+            )
+            seq_logps.append(out.logps.float())
+            if per_token:
+                token_logps.append(out.token_logps.float())
+            if on_batch is not None:
+                # Counted when queued, without a sync: the device's bounded launch queue keeps
+                # the host only a batch or two ahead, so the progress bar's rate still holds.
+                on_batch(batch.num_tokens)
+    rows = torch.cat(seq_rows).numpy()
+    roles = torch.cat(seq_roles).numpy()
+    lengths = torch.cat(seq_lengths).numpy().astype(np.int64)
+    logps = torch.cat(seq_logps).cpu().numpy()
+    _check_each_sequence_once(pairs, rows, roles)
+
+    n = len(pairs)
+    is_rejected = roles == int(Role.REJECTED)
+    paired = np.array([p.is_paired for p in pairs], dtype=np.bool_)
+    chosen_logps = np.zeros(n, dtype=np.float32)
+    rejected_logps = np.full(n, np.nan, dtype=np.float32)
+    chosen_lengths = np.zeros(n, dtype=np.int64)
+    rejected_lengths = np.zeros(n, dtype=np.int64)
+    chosen_logps[rows[~is_rejected]] = logps[~is_rejected]
+    chosen_lengths[rows[~is_rejected]] = lengths[~is_rejected]
+    rejected_logps[rows[is_rejected]] = logps[is_rejected]
+    rejected_lengths[rows[is_rejected]] = lengths[is_rejected]
+    columns = {
+        "example_digests": torch.tensor([d for _, d in digests], dtype=torch.int64),
+        "paired": torch.from_numpy(paired),
+        "chosen_logps": torch.from_numpy(chosen_logps),
+        "rejected_logps": torch.from_numpy(rejected_logps),
+        "chosen_lengths": torch.from_numpy(chosen_lengths.astype(np.int32)),
+        "rejected_lengths": torch.from_numpy(rejected_lengths.astype(np.int32)),
+    }
+    if per_token:
+        flat = torch.cat(token_logps).cpu().numpy()
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(chosen_lengths + rejected_lengths, out=offsets[1:])
+        columns["token_offsets"] = torch.from_numpy(offsets)
+        columns["token_logps"] = torch.from_numpy(
+            _reorder_tokens(flat, rows, is_rejected, lengths, offsets, chosen_lengths)
+        )
+    return columns
+
+
+def _packed_batches(
+    pairs: Sequence[TokenizedPair], max_tokens_per_batch: int, num_workers: int, device
+) -> Iterator[PackedBatch]:
+    """The shard's micro-batches: paired and unpaired examples packed apart (a batch holds one
+    kind), largest batches first (planner order, so running out of memory shows at once),
+    staged in pinned memory when the device is CUDA."""
+    pin = device.type == "cuda"
+    for paired in (True, False):
+        group = [p for p in pairs if p.is_paired == paired]
+        if not group:
+            continue
+        packed = pack_pairs(group, max_tokens_per_batch=max_tokens_per_batch, shuffle=False)
+        if num_workers > 0:
+            yield from packed.loader(num_workers=num_workers, pin_memory=pin)
+        else:
+            for batch in packed:
+                yield batch.pin_memory() if pin else batch
+
+
+def _reorder_tokens(
+    flat: np.ndarray,
+    rows: np.ndarray,
+    is_rejected: np.ndarray,
+    lengths: np.ndarray,
+    offsets: np.ndarray,
+    chosen_lengths: np.ndarray,
+) -> np.ndarray:
+    """Per-token log-probs from batch order (sequence after sequence, as computed) to shard
+    order (example after example, chosen tokens then rejected tokens)."""
+    src_start = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=src_start[1:])
+    dest_start = offsets[rows] + np.where(is_rejected, chosen_lengths[rows], 0)
+    by_dest = np.argsort(dest_start, kind="stable")
+    # Destination position d of sequence s reads flat[d + (src_start[s] - dest_start[s])].
+    shift = np.repeat((src_start - dest_start)[by_dest], lengths[by_dest])
+    return flat[np.arange(len(flat)) + shift]
+
+
+def _check_each_sequence_once(
+    pairs: Sequence[TokenizedPair], rows: np.ndarray, roles: np.ndarray
+) -> None:
+    """Packing must have placed every sequence of every example exactly once."""
+    expected = sum(2 if p.is_paired else 1 for p in pairs)
+    keys = rows * 4 + roles.astype(np.int64)
+    if len(keys) != expected or len(np.unique(keys)) != expected:
+        raise RuntimeError(
+            f"packing returned {len(keys)} sequences ({len(np.unique(keys))} distinct) for "
+            f"{len(pairs)} examples that have {expected}: a bug in fastdpo.data.pack_pairs"
+        )
+
+
+def _sorted_unique(examples: Sequence[TokenizedPair]) -> list[TokenizedPair]:
+    ordered = sorted(examples, key=lambda p: p.example_id)
+    if not ordered:
+        raise ValueError("no examples: the reference cache needs at least one")
+    dups = [a.example_id for a, b in itertools.pairwise(ordered) if a.example_id == b.example_id]
+    if dups:
+        raise ValueError(
+            f"{len(dups)} duplicate example ids (e.g. {sorted(set(dups))[:3]}): the cache is "
+            "keyed by example id, make the ids unique"
+        )
+    return ordered
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed helpers (all no-ops in a single process)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast(value: Any, world: int) -> Any:
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _check_ranks_agree(fingerprint: Fingerprint, plan: dict[str, Any], world: int) -> None:
+    """Every rank must build the same cache: same model, data and settings."""
+    if world == 1:
+        return
+    mine = {"fingerprint": fingerprint.to_json(), "plan": plan}
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            diffs = Fingerprint.from_json(theirs["fingerprint"]).differences(
+                Fingerprint.from_json(everyone[0]["fingerprint"])
+            )
+            fields = ", ".join(f for f, _, _ in diffs) or "shard plan"
+            raise ReferenceCacheError(
+                f"rank {rank} builds from other inputs than rank 0 ({fields}): every rank "
+                "must load the same model, data and settings"
+            )
