@@ -31,6 +31,7 @@ from fastdpo.reference_build import REBUILD_HINT, BuildOptions, build_cache
 from fastdpo.reference_fingerprint import (
     Fingerprint,
     dataset_digest,
+    describe_differences,
     example_digest,
     expected_fields,
     tokenization_settings,
@@ -346,9 +347,21 @@ class ReferenceCache:
                 f"reference cache {self.path} holds no per-token log-probs: rebuild it with "
                 "per_token=True (`fastdpo precompute-ref --per-token`)"
             )
-        counts = self._lengths[:, rows].sum(0).tolist()
-        parts = [self._tokens_of_row(r, c) for r, c in zip(rows.tolist(), counts, strict=True)]
-        flat = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.float32))
+        rows_np = rows.numpy()
+        counts = self._lengths[:, rows].sum(0).numpy().astype(np.int64)  # tokens per example
+        # Output position j belongs to example e(j) and reads its token j - out_start[e(j)].
+        out_start = np.zeros(len(rows_np), dtype=np.int64)
+        np.cumsum(counts[:-1], out=out_start[1:])
+        example_of = np.repeat(np.arange(len(rows_np)), counts)
+        source = self._token_start[rows_np][example_of] + (
+            np.arange(int(counts.sum())) - out_start[example_of]
+        )
+        shard_of = self._shard_of_row[rows_np][example_of]
+        values = np.empty(len(source), dtype=np.float32)
+        for shard in np.unique(shard_of):  # one gather per shard the batch touches
+            where = shard_of == shard
+            values[where] = self._token_logps[shard][source[where]]
+        flat = torch.from_numpy(values)
         if flat.numel() != batch.target_ids.numel():
             raise ReferenceCacheError(
                 f"the batch has {batch.target_ids.numel()} completion targets, the reference "
@@ -401,7 +414,7 @@ def _check_fingerprint(
     diffs = cached.differences(expect)
     if not diffs:
         return
-    details = ", ".join(f"{name} ({_short(a)} vs {_short(b)})" for name, a, b in diffs)
+    details = describe_differences(diffs)
     built_with = (manifest.get("build") or {}).get("command")
     hint = f" (it was built with: {built_with})" if built_with else ""
     raise FingerprintMismatchError(
@@ -409,9 +422,3 @@ def _check_fingerprint(
         f"run). Rebuild it with {REBUILD_HINT}{hint}",
         [name for name, _, _ in diffs],
     )
-
-
-def _short(value: Any) -> str:
-    """A value for an error message: long hex digests cut to 12 characters."""
-    text = repr(value)
-    return text[:13] + "…'" if isinstance(value, str) and len(value) == 64 else text

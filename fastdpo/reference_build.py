@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fastdpo.data.packing import pack_pairs
+from fastdpo.data.packing import PackedPairs, pack_pairs
 from fastdpo.data.types import PackedBatch, Role, TokenizedPair
 from fastdpo.model import sequence_logps
 from fastdpo.reference_fingerprint import Fingerprint, compute_fingerprint, example_digest
@@ -104,16 +105,14 @@ def build_cache(
     rank, world = _rank_and_world()
     _check_ranks_agree(fingerprint, plan, world)
 
-    status = None
+    prepare_error, status = None, None
     if rank == 0:
         try:
             status = prepare_folder(out_dir, fingerprint, plan, options.overwrite)
-        except (ReferenceCacheError, OSError) as e:  # reported on every rank, none left waiting
-            status = f"error:{e}"
-    status = _broadcast(status, world)
-    if status.startswith("error:"):
-        raise ReferenceCacheError(status.removeprefix("error:"))
-    if status == "complete":
+        except Exception as e:  # raised on every rank below: none is left waiting
+            prepare_error = e
+    _raise_if_any_rank_failed(prepare_error, world, "preparing the cache folder")
+    if _broadcast(status, world) == "complete":
         logger.info("reference cache %s is complete and matches: nothing to compute", out_dir)
         return out_dir
 
@@ -139,19 +138,21 @@ def build_cache(
     was_training = model.training
     model.eval()  # no dropout: the reference values are deterministic
     started = time.perf_counter()
+    compute_error = None
     try:
-        for done, i in enumerate(todo, 1):
+        results = _shard_columns(
+            model,
+            [ordered[slice(*shard_ranges[i])] for i in todo],
+            [digests[slice(*shard_ranges[i])] for i in todo],
+            max_tokens_per_batch=options.max_tokens_per_batch,
+            per_token=options.per_token,
+            device=device,
+            num_workers=options.num_workers,
+            on_batch=bar.update,
+        )
+        for done, (position, columns) in enumerate(results, 1):
+            i = todo[position]
             a, b = shard_ranges[i]
-            columns = compute_columns(
-                model,
-                ordered[a:b],
-                digests[a:b],
-                max_tokens_per_batch=options.max_tokens_per_batch,
-                per_token=options.per_token,
-                device=device,
-                num_workers=options.num_workers,
-                on_batch=bar.update,
-            )
             record = write_shard(
                 out_dir,
                 index=i,
@@ -163,13 +164,16 @@ def build_cache(
             bar.set_postfix(shards=f"{done}/{len(todo)}")
             if options.on_shard_written is not None:
                 options.on_shard_written(record)
+    except Exception as e:  # the other ranks must hear of it, not wait for this one forever
+        compute_error = e
     finally:
         model.train(was_training)
         bar.close()
     seconds = time.perf_counter() - started
+    _raise_if_any_rank_failed(compute_error, world, "computing its shards")
 
-    _barrier(world)
-    if rank == 0:
+    finalize_error = None
+    if rank == 0:  # every rank's shards and records are on disk (the exchange above waited)
         build_info = {
             "world_size": world,
             "device": str(device),
@@ -179,8 +183,11 @@ def build_cache(
             "command": options.command,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        finalize_manifest(out_dir, fingerprint, plan, num_shards, build_info)
-    _barrier(world)
+        try:
+            finalize_manifest(out_dir, fingerprint, plan, num_shards, build_info)
+        except Exception as e:
+            finalize_error = e
+    _raise_if_any_rank_failed(finalize_error, world, "writing the manifest")
     return out_dir
 
 
@@ -195,82 +202,165 @@ def compute_columns(
     num_workers: int = 0,
     on_batch: Callable[[int], Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The shard columns (see `reference_shards`) of `pairs`, in their order.
-
-    Results stay on the device until the end of the shard: one host transfer per shard, not
-    per batch, so the host keeps feeding batches while the device computes.
-    """
-    row_of = {p.example_id: i for i, p in enumerate(pairs)}
-    seq_rows, seq_roles, seq_lengths, seq_logps, token_logps = [], [], [], [], []
-    with torch.inference_mode():
-        for batch in _packed_batches(pairs, max_tokens_per_batch, num_workers, device):
-            rows = torch.tensor([row_of[e] for e in batch.example_ids], dtype=torch.int64)
-            seq_rows.append(rows[batch.seq_pair])
-            seq_roles.append(batch.seq_role)
-            seq_lengths.append(batch.completion_lengths)
-            out = sequence_logps(
-                model, batch.to(device, non_blocking=True), return_token_logps=per_token
-            )
-            seq_logps.append(out.logps.float())
-            if per_token:
-                token_logps.append(out.token_logps.float())
-            if on_batch is not None:
-                # Counted when queued, without a sync: the device's bounded launch queue keeps
-                # the host only a batch or two ahead, so the progress bar's rate still holds.
-                on_batch(batch.num_tokens)
-    rows = torch.cat(seq_rows).numpy()
-    roles = torch.cat(seq_roles).numpy()
-    lengths = torch.cat(seq_lengths).numpy().astype(np.int64)
-    logps = torch.cat(seq_logps).cpu().numpy()
-    _check_each_sequence_once(pairs, rows, roles)
-
-    n = len(pairs)
-    is_rejected = roles == int(Role.REJECTED)
-    paired = np.array([p.is_paired for p in pairs], dtype=np.bool_)
-    chosen_logps = np.zeros(n, dtype=np.float32)
-    rejected_logps = np.full(n, np.nan, dtype=np.float32)
-    chosen_lengths = np.zeros(n, dtype=np.int64)
-    rejected_lengths = np.zeros(n, dtype=np.int64)
-    chosen_logps[rows[~is_rejected]] = logps[~is_rejected]
-    chosen_lengths[rows[~is_rejected]] = lengths[~is_rejected]
-    rejected_logps[rows[is_rejected]] = logps[is_rejected]
-    rejected_lengths[rows[is_rejected]] = lengths[is_rejected]
-    columns = {
-        "example_digests": torch.tensor([d for _, d in digests], dtype=torch.int64),
-        "paired": torch.from_numpy(paired),
-        "chosen_logps": torch.from_numpy(chosen_logps),
-        "rejected_logps": torch.from_numpy(rejected_logps),
-        "chosen_lengths": torch.from_numpy(chosen_lengths.astype(np.int32)),
-        "rejected_lengths": torch.from_numpy(rejected_lengths.astype(np.int32)),
-    }
-    if per_token:
-        flat = torch.cat(token_logps).cpu().numpy()
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(chosen_lengths + rejected_lengths, out=offsets[1:])
-        columns["token_offsets"] = torch.from_numpy(offsets)
-        columns["token_logps"] = torch.from_numpy(
-            _reorder_tokens(flat, rows, is_rejected, lengths, offsets, chosen_lengths)
-        )
+    """The shard columns (see `reference_shards`) of `pairs`, in their order (one shard)."""
+    ((_, columns),) = _shard_columns(
+        model,
+        [pairs],
+        [digests],
+        max_tokens_per_batch=max_tokens_per_batch,
+        per_token=per_token,
+        device=device,
+        num_workers=num_workers,
+        on_batch=on_batch,
+    )
     return columns
 
 
-def _packed_batches(
-    pairs: Sequence[TokenizedPair], max_tokens_per_batch: int, num_workers: int, device
-) -> Iterator[PackedBatch]:
-    """The shard's micro-batches: paired and unpaired examples packed apart (a batch holds one
-    kind), largest batches first (planner order, so running out of memory shows at once),
-    staged in pinned memory when the device is CUDA."""
+def _shard_columns(
+    model: torch.nn.Module,
+    shards: Sequence[Sequence[TokenizedPair]],
+    digests: Sequence[Sequence[tuple[str, int]]],
+    *,
+    max_tokens_per_batch: int,
+    per_token: bool,
+    device: torch.device,
+    num_workers: int,
+    on_batch: Callable[[int], Any] | None,
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(position in `shards`, shard columns) for each shard, as soon as its last batch is done.
+
+    One batch stream (one DataLoader, so worker processes start once, not once per shard)
+    covers every shard. A shard's results stay on the device until its end: one host transfer
+    per shard, not per batch, so the host keeps feeding batches while the device computes.
+    """
+    current: _ShardResults | None = None
+    for position, batch in _batches(shards, max_tokens_per_batch, num_workers, device):
+        if current is not None and current.position != position:
+            yield current.position, current.columns()
+            current = None
+        if current is None:
+            current = _ShardResults(position, shards[position], digests[position], per_token)
+        with torch.inference_mode():
+            out = sequence_logps(
+                model, batch.to(device, non_blocking=True), return_token_logps=per_token
+            )
+        current.add(batch, out)
+        if on_batch is not None:
+            # Counted when queued, without a sync: the device's bounded launch queue keeps
+            # the host only a batch or two ahead, so the progress bar's rate still holds.
+            on_batch(batch.num_tokens)
+    if current is not None:
+        yield current.position, current.columns()
+
+
+class _ShardResults:
+    """The per-sequence results of one shard's batches, turned into its columns at the end."""
+
+    def __init__(
+        self,
+        position: int,
+        pairs: Sequence[TokenizedPair],
+        digests: Sequence[tuple[str, int]],
+        per_token: bool,
+    ):
+        self.position = position
+        self.pairs = pairs
+        self.digests = digests
+        self.per_token = per_token
+        self.row_of = {p.example_id: i for i, p in enumerate(pairs)}
+        self.seq_rows: list[torch.Tensor] = []
+        self.seq_roles: list[torch.Tensor] = []
+        self.seq_lengths: list[torch.Tensor] = []
+        self.seq_logps: list[torch.Tensor] = []  # on the device
+        self.token_logps: list[torch.Tensor] = []  # on the device
+
+    def add(self, batch: PackedBatch, out: Any) -> None:
+        rows = torch.tensor([self.row_of[e] for e in batch.example_ids], dtype=torch.int64)
+        self.seq_rows.append(rows[batch.seq_pair])
+        self.seq_roles.append(batch.seq_role)
+        self.seq_lengths.append(batch.completion_lengths)
+        self.seq_logps.append(out.logps.float())
+        if self.per_token:
+            self.token_logps.append(out.token_logps.float())
+
+    def columns(self) -> dict[str, torch.Tensor]:
+        pairs = self.pairs
+        rows = torch.cat(self.seq_rows).numpy()
+        roles = torch.cat(self.seq_roles).numpy()
+        lengths = torch.cat(self.seq_lengths).numpy().astype(np.int64)
+        logps = torch.cat(self.seq_logps).cpu().numpy()
+        _check_each_sequence_once(pairs, rows, roles)
+
+        n = len(pairs)
+        is_rejected = roles == int(Role.REJECTED)
+        paired = np.array([p.is_paired for p in pairs], dtype=np.bool_)
+        chosen_logps = np.zeros(n, dtype=np.float32)
+        rejected_logps = np.full(n, np.nan, dtype=np.float32)
+        chosen_lengths = np.zeros(n, dtype=np.int64)
+        rejected_lengths = np.zeros(n, dtype=np.int64)
+        chosen_logps[rows[~is_rejected]] = logps[~is_rejected]
+        chosen_lengths[rows[~is_rejected]] = lengths[~is_rejected]
+        rejected_logps[rows[is_rejected]] = logps[is_rejected]
+        rejected_lengths[rows[is_rejected]] = lengths[is_rejected]
+        columns = {
+            "example_digests": torch.tensor([d for _, d in self.digests], dtype=torch.int64),
+            "paired": torch.from_numpy(paired),
+            "chosen_logps": torch.from_numpy(chosen_logps),
+            "rejected_logps": torch.from_numpy(rejected_logps),
+            "chosen_lengths": torch.from_numpy(chosen_lengths.astype(np.int32)),
+            "rejected_lengths": torch.from_numpy(rejected_lengths.astype(np.int32)),
+        }
+        if self.per_token:
+            flat = torch.cat(self.token_logps).cpu().numpy()
+            offsets = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(chosen_lengths + rejected_lengths, out=offsets[1:])
+            columns["token_offsets"] = torch.from_numpy(offsets)
+            columns["token_logps"] = torch.from_numpy(
+                _reorder_tokens(flat, rows, is_rejected, lengths, offsets, chosen_lengths)
+            )
+        return columns
+
+
+class _PlannedBatches:
+    """Map-style dataset: item k is (shard position, packed batch) of the k-th planned batch."""
+
+    def __init__(self, plans: list[tuple[int, PackedPairs]]):
+        self.items = [
+            (position, packed, b) for position, packed in plans for b in range(len(packed))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> tuple[int, PackedBatch]:
+        position, packed, b = self.items[k]
+        return position, packed[b]
+
+
+def _batches(
+    shards: Sequence[Sequence[TokenizedPair]],
+    max_tokens_per_batch: int,
+    num_workers: int,
+    device: torch.device,
+) -> Iterable[tuple[int, PackedBatch]]:
+    """(shard position, micro-batch) of every shard, shard after shard. Within a shard, paired
+    and unpaired examples are packed apart (a batch holds one kind), largest batches first
+    (planner order, so running out of memory shows at once); staged in pinned memory when the
+    device is CUDA."""
+    plans = []
+    for position, pairs in enumerate(shards):
+        for paired in (True, False):
+            group = [p for p in pairs if p.is_paired == paired]
+            if group:
+                packed = pack_pairs(group, max_tokens_per_batch=max_tokens_per_batch, shuffle=False)
+                plans.append((position, packed))
+    planned = _PlannedBatches(plans)
     pin = device.type == "cuda"
-    for paired in (True, False):
-        group = [p for p in pairs if p.is_paired == paired]
-        if not group:
-            continue
-        packed = pack_pairs(group, max_tokens_per_batch=max_tokens_per_batch, shuffle=False)
-        if num_workers > 0:
-            yield from packed.loader(num_workers=num_workers, pin_memory=pin)
-        else:
-            for batch in packed:
-                yield batch.pin_memory() if pin else batch
+    if num_workers > 0:
+        return DataLoader(
+            planned, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin
+        )
+    return ((position, batch.pin_memory() if pin else batch) for position, batch in planned)
 
 
 def _reorder_tokens(
@@ -336,9 +426,22 @@ def _broadcast(value: Any, world: int) -> Any:
     return box[0]
 
 
-def _barrier(world: int) -> None:
+def _raise_if_any_rank_failed(error: Exception | None, world: int, step: str) -> None:
+    """Raise on every rank if `error` is set on any: a rank that failed raises its own error,
+    the others a `ReferenceCacheError` naming it. Every rank must call this (a collective), so
+    it also waits for all of them, like a barrier."""
+    messages: list[Any] = [None if error is None else f"{type(error).__name__}: {error}"]
     if world > 1:
-        dist.barrier()
+        messages = [None] * world
+        dist.all_gather_object(
+            messages, None if error is None else f"{type(error).__name__}: {error}"
+        )
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, message = failed[0]
+        raise ReferenceCacheError(f"rank {rank} failed while {step}: {message}")
 
 
 def _check_ranks_agree(fingerprint: Fingerprint, plan: dict[str, Any], world: int) -> None:

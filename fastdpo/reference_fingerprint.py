@@ -152,6 +152,16 @@ class Fingerprint:
         return sorted(diffs, key=lambda d: (_field_rank(d[0]), d[0]))
 
 
+def describe_differences(diffs: Iterable[tuple[str, Any, Any]]) -> str:
+    """ "field (a vs b), ..." for error messages; 64-character hex digests cut to 12."""
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text[:13] + "…'" if isinstance(value, str) and len(value) == 64 else text
+
+    return ", ".join(f"{name} ({short(a)} vs {short(b)})" for name, a, b in diffs)
+
+
 def _normalize(value: Any) -> Any:
     # JSON round trip: tuples vs lists and int keys vs str keys compare equal after loading.
     return json.loads(json.dumps(value, sort_keys=True, default=str))

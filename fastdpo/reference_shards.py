@@ -51,7 +51,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from fastdpo.reference_fingerprint import Fingerprint
+from fastdpo.reference_fingerprint import Fingerprint, describe_differences
 
 logger = logging.getLogger("fastdpo.reference")
 
@@ -250,11 +250,11 @@ def memmap_column(path: Path, name: str) -> np.ndarray:
 def prepare_folder(
     out_dir: Path, fingerprint: Fingerprint, plan: dict[str, Any], overwrite: bool
 ) -> str:
-    """Make `out_dir` ready for a build (rank 0 only). Returns "complete", "build" or "error:...".
+    """Make `out_dir` ready for a build (rank 0 only). Returns "complete" or "build".
 
     A finished cache with this fingerprint and plan is "complete" if every shard checks out;
     otherwise its good shards are kept and the bad ones recomputed. A cache or an interrupted
-    build for other inputs is an error, or is deleted with `overwrite`.
+    build for other inputs raises `ReferenceCacheError`, or is deleted with `overwrite`.
     """
     manifest_path, plan_path = out_dir / MANIFEST_NAME, out_dir / PLAN_NAME
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
@@ -267,7 +267,7 @@ def prepare_folder(
         if same:
             continue
         if not overwrite:
-            return "error:" + _mismatch_message(out_dir, path, existing, fingerprint, plan)
+            raise ReferenceCacheError(_mismatch_message(out_dir, path, existing, fingerprint, plan))
         logger.warning("deleting %s: it was built from other inputs (overwrite=True)", out_dir)
         for name in (MANIFEST_NAME, PLAN_NAME):
             (out_dir / name).unlink(missing_ok=True)
@@ -279,6 +279,7 @@ def prepare_folder(
         records = [ShardRecord.from_json(r) for r in manifest["shards"]]
         problems = [p for r in records if (p := shard_problem(out_dir, r)) is not None]
         if not problems:
+            _remove_build_files(out_dir, len(records))  # left if a build died while finalizing
             return "complete"
         logger.warning("recomputing damaged shards of %s: %s", out_dir, "; ".join(problems))
         # Back to an unfinished build: the plan and one record per shard (a damaged shard's
@@ -290,8 +291,9 @@ def prepare_folder(
     else:
         write_json_atomic(plan_path, wanted)
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    for tmp in (out_dir / SHARD_DIR).glob(".*.tmp-*"):  # left by a killed build
-        tmp.unlink(missing_ok=True)
+    for folder in (out_dir, out_dir / SHARD_DIR):  # temporary files left by a killed build
+        for tmp in folder.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
     return "build"
 
 
@@ -304,15 +306,17 @@ def _mismatch_message(
         reasons.append(f"format_version ({existing.get('format_version')} vs {FORMAT_VERSION})")
     try:
         theirs = Fingerprint.from_json(existing["fingerprint"])
-        reasons += [f"{f} ({a!r} vs {b!r})" for f, a, b in theirs.differences(fingerprint)]
+        reasons.append(describe_differences(theirs.differences(fingerprint)))
     except (KeyError, TypeError, ValueError):
         reasons.append("fingerprint (unreadable)")
     old_plan = existing.get("plan", {})
-    reasons += [
-        f"{k} ({old_plan.get(k)!r} vs {plan[k]!r})"
+    plan_diffs = [
+        (k, old_plan.get(k), plan[k])
         for k in ("examples_per_shard", "per_token")
         if old_plan.get(k) != plan[k]
     ]
+    reasons.append(describe_differences(plan_diffs))
+    reasons = [r for r in reasons if r]
     return (
         f"{out_dir} holds {what} for other inputs: {', '.join(reasons) or 'shard plan'} "
         "(there vs here). Pass overwrite=True (`--overwrite`) to replace it, or choose another "
@@ -353,7 +357,10 @@ def finalize_manifest(
     for i in range(num_shards):
         path = record_path(out_dir, i, num_shards)
         if not path.exists():
-            raise ReferenceCacheError(f"shard {i} of {num_shards} has no record {path}")
+            raise ReferenceCacheError(
+                f"shard {i} of {num_shards} has no record {path}: under torch.distributed the "
+                "output folder must be one folder shared by every rank (same filesystem)"
+            )
         record = ShardRecord.from_json(read_json(path))
         # The writer hashed the bytes it wrote; here only the size is re-checked (cheap).
         problem = shard_problem(out_dir, record, checksum=False)
@@ -369,6 +376,11 @@ def finalize_manifest(
         "build": build_info,
     }
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    _remove_build_files(out_dir, num_shards)
+
+
+def _remove_build_files(out_dir: Path, num_shards: int) -> None:
+    """The plan and the shard records: once the manifest is written, it holds what they held."""
     for i in range(num_shards):
-        record_path(out_dir, i, num_shards).unlink()
-    (out_dir / PLAN_NAME).unlink()
+        record_path(out_dir, i, num_shards).unlink(missing_ok=True)
+    (out_dir / PLAN_NAME).unlink(missing_ok=True)

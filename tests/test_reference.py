@@ -411,6 +411,23 @@ def test_finished_build_is_not_recomputed(cache, model, pairs):
     assert written == []
 
 
+def test_build_killed_while_finalizing_is_complete(cache, model, pairs, tmp_path):
+    """Killed after the manifest was written but before the plan and records were removed:
+    the cache opens, and the next build computes nothing and removes the leftovers."""
+    path = copy_cache(cache, tmp_path)
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    keys = ("format", "format_version", "fingerprint", "plan")
+    (path / PLAN_NAME).write_text(json.dumps({k: manifest[k] for k in keys}))
+    record = manifest["shards"][0]
+    (path / record["file"].replace(".safetensors", ".json")).write_text(json.dumps(record))
+    ReferenceCache.open(path)
+    written = []
+    build(model, pairs, path, on_shard_written=lambda r: written.append(r.index))
+    assert written == []
+    assert sorted(p.name for p in path.iterdir()) == [MANIFEST_NAME, "shards"]
+    assert len(list((path / "shards").iterdir())) == 5
+
+
 def test_build_into_a_cache_of_other_inputs_needs_overwrite(cache, pairs, tmp_path):
     path = copy_cache(cache, tmp_path)
     other = tiny_model("llama", seed=3)

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_reference import build, cache_contents, make_pairs
 
 # Run by each rank. First every rank tries a build in which rank 1 holds other data (both must
-# refuse it), then the real build; each rank writes down which shards it computed.
+# refuse it), then one in which rank 1 fails mid-build (both must raise, neither may wait for
+# the other forever), then the real build; each rank writes down which shards it computed.
 _RANK_SCRIPT = """
 import json, sys
 import torch.distributed as dist
@@ -36,10 +37,19 @@ try:
     refused = None
 except ReferenceCacheError as e:
     refused = str(e)
+def fail_on_rank_1(record):
+    if rank == 1:
+        raise RuntimeError("disk full on rank 1")
+
+try:
+    build(model, make_pairs(8), {out!r} + "-fail", on_shard_written=fail_on_rank_1)
+    failed = None
+except (RuntimeError, ReferenceCacheError) as e:
+    failed = str(e)
 written = []
 build(model, make_pairs(), {out!r}, on_shard_written=lambda r: written.append(r.index))
 with open({out!r} + f"-rank{{rank}}.json", "w") as f:
-    json.dump({{"written": written, "refused": refused}}, f)
+    json.dump({{"written": written, "refused": refused, "failed": failed}}, f)
 dist.destroy_process_group()
 """
 
@@ -61,6 +71,10 @@ def test_two_rank_build_equals_one_rank_build(tmp_path):
     assert ranks[0]["written"] == [0, 2, 4] and ranks[1]["written"] == [1, 3]  # disjoint
     for rank in ranks:
         assert "rank 1 builds from other inputs than rank 0 (dataset)" in rank["refused"]
+    assert ranks[1]["failed"] == "disk full on rank 1"
+    assert ranks[0]["failed"] == (
+        "rank 1 failed while computing its shards: RuntimeError: disk full on rank 1"
+    )
 
     single = build(tiny_model("llama"), make_pairs(), tmp_path / "one")
     two = ReferenceCache.open(out)
