@@ -19,6 +19,8 @@ import os
 import shlex
 import sys
 
+from fastdpo.argtypes import positive_int
+
 logger = logging.getLogger("fastdpo.reference")
 
 # Default token budgets of the pass (see --max-tokens-per-batch).
@@ -49,15 +51,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
 
     tok = parser.add_argument_group("tokenization (recorded in the fingerprint)")
-    tok.add_argument("--max-length", type=_positive_int, required=True)
-    tok.add_argument("--max-prompt-length", type=_positive_int)
+    tok.add_argument("--max-length", type=positive_int, required=True)
+    tok.add_argument("--max-prompt-length", type=positive_int)
     tok.add_argument("--prompt-truncation", choices=["left", "right"], default="left")
     tok.add_argument(
         "--loss-on", choices=["final_turn", "all_assistant_turns"], default="final_turn"
     )
     tok.add_argument("--no-add-eos", dest="add_eos", action="store_false")
     tok.add_argument("--text-as-chat", action="store_true")
-    tok.add_argument("--num-proc", type=_positive_int, default=1, help="tokenizer processes")
+    tok.add_argument("--num-proc", type=positive_int, default=1, help="tokenizer processes")
 
     run_group = parser.add_argument_group("the pass")
     run_group.add_argument(
@@ -75,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     run_group.add_argument(
         "--max-tokens-per-batch",
-        type=_positive_int,
+        type=positive_int,
         help=(
             "token budget per packed micro-batch; larger than training's, since no activations "
             f"are kept (default: {CUDA_BUDGET} on CUDA, {CPU_BUDGET} on the CPU, where packed "
@@ -84,7 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     run_group.add_argument(
         "--examples-per-shard",
-        type=_positive_int,
+        type=positive_int,
         default=1024,
         help="examples per shard file: the unit of resume (default %(default)s)",
     )
@@ -99,13 +101,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     run_group.add_argument("--no-progress", dest="progress", action="store_false")
     parser.set_defaults(handler=run)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
