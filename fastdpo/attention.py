@@ -103,13 +103,20 @@ class PackedAttentionState:
     """Longest sequence (a Python int: no device sync to read it)."""
     total_tokens: int
     """T, the stream length."""
-    calls: int = 0
-    """Attention calls so far (a Python counter: lets callers check every layer came through)."""
+    call_windows: list[int | None] = field(default_factory=list)
+    """The sliding window of each attention call so far, in call order (None: full causal).
+    Python values, no device sync: lets `fastdpo.model` check that every decoder layer came
+    through packed attention with the window its config declares."""
     backends_used: set[str] = field(default_factory=set)
     """Backends that actually ran, for reporting."""
     _document_ids: torch.Tensor | None = None
     _host_offsets: list[int] | None = None
     _masks: dict[tuple[str, int | None], Any] = field(default_factory=dict)
+
+    @property
+    def calls(self) -> int:
+        """Attention calls so far."""
+        return len(self.call_windows)
 
     def document_ids(self) -> torch.Tensor:
         """int32 [T]: the index of the sequence each stream position belongs to."""
@@ -210,6 +217,12 @@ def _flash_varlen_func() -> Callable | None:
 
 
 @functools.cache
+def _flash_has_softcap() -> bool:
+    # flash-attn < 2.6 has no softcap argument; read the signature once, not in every layer.
+    return "softcap" in inspect.signature(_flash_varlen_func()).parameters
+
+
+@functools.cache
 def _torch_varlen_func() -> tuple[Callable, frozenset[str]] | None:
     """torch's varlen_attn and the names of its parameters (the signature moved in 2.11)."""
     try:
@@ -258,14 +271,13 @@ def _softcap_score_mod(softcap: float) -> Callable:
 def unavailable_reason(backend: str, features: CallFeatures) -> str | None:
     """Why `backend` cannot run a call with these features, or None if it can."""
     if backend == "flash":
-        function = _flash_varlen_func()
-        if function is None:
+        if _flash_varlen_func() is None:
             return "flash-attn is not installed (pip install flash-attn)"
         if features.device_type != "cuda":
             return "flash-attn runs on CUDA only"
         if features.dtype not in _HALF_DTYPES:
             return f"flash-attn needs fp16 or bf16 activations, got {features.dtype}"
-        if features.softcap is not None and "softcap" not in inspect.signature(function).parameters:
+        if features.softcap is not None and not _flash_has_softcap():
             return "this flash-attn has no softcap argument (needs flash-attn >= 2.6)"
         return None
     if backend == "torch":
@@ -321,7 +333,9 @@ def resolve_backend(backend: str, features: CallFeatures) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# The backends, on stream-major tensors: q [T, Hq, D], k and v [T, Hkv, D] -> out [T, Hq, D]
+# The backends, on stream-major tensors: q [T, Hq, D], k and v [T, Hkv, D] -> out [T, Hq, D].
+# All take the same options; `resolve_backend` has checked that the one called supports those
+# that are set (softcap, dropout, sliding window).
 
 
 def _run_flash(q, k, v, state, *, scale, sliding_window, softcap, dropout) -> torch.Tensor:
@@ -347,7 +361,7 @@ def _run_flash(q, k, v, state, *, scale, sliding_window, softcap, dropout) -> to
     )
 
 
-def _run_torch_varlen(q, k, v, state, *, scale, sliding_window) -> torch.Tensor:
+def _run_torch_varlen(q, k, v, state, *, scale, sliding_window, softcap, dropout) -> torch.Tensor:
     function, parameters = _torch_varlen_func()
     extra: dict[str, Any] = {}
     if "scale" in parameters:
@@ -381,7 +395,7 @@ def _document_causal(document_ids: torch.Tensor, sliding_window: int | None) -> 
     return mask_mod
 
 
-def _run_flex(q, k, v, state, *, scale, sliding_window, softcap) -> torch.Tensor:
+def _run_flex(q, k, v, state, *, scale, sliding_window, softcap, dropout) -> torch.Tensor:
     flex_attention, create_block_mask = _flex_functions()
     total = state.total_tokens
 
@@ -419,14 +433,13 @@ def _causal_window_mask(length: int, window: int, device: torch.device) -> torch
     return (distance >= 0) & (distance < window)
 
 
-def _run_sdpa(q, k, v, state, *, scale, sliding_window, softcap, dropout, training) -> torch.Tensor:
+def _run_sdpa(q, k, v, state, *, scale, sliding_window, softcap, dropout) -> torch.Tensor:
     # One SDPA call per sequence: O(sum L^2) work and memory, where a block-diagonal mask over
     # the stream costs O(T^2) (at T = 2048 holding 20 sequences of ~100 tokens: ~20x).
     if q.shape[1] != k.shape[1]:
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    dropout = dropout if training else 0.0
     outs = []
     for start, end in itertools.pairwise(state.host_offsets()):
         qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
@@ -453,6 +466,14 @@ def _run_sdpa(q, k, v, state, *, scale, sliding_window, softcap, dropout, traini
             out = F.dropout(weights, p=dropout, training=dropout > 0) @ vs
         outs.append(out.transpose(0, 1))
     return torch.cat(outs)
+
+
+_RUNNERS: dict[str, Callable[..., torch.Tensor]] = {
+    "flash": _run_flash,
+    "torch": _run_torch_varlen,
+    "flex": _run_flex,
+    "sdpa": _run_sdpa,
+}
 
 
 def varlen_attention(
@@ -512,43 +533,21 @@ def varlen_attention(
     )
     chosen = resolve_backend(backend, features)
     if chosen not in state.backends_used:
-        logger.info("packed attention: backend %r (asked %r) for %s", chosen, backend, features)
+        # Once per batch and backend: debug level (the backends that ran are also reported in
+        # `SequenceLogps.attention_backends`).
+        logger.debug("packed attention: backend %r (asked %r) for %s", chosen, backend, features)
         state.backends_used.add(chosen)
-    state.calls += 1
-    if chosen == "flash":
-        return _run_flash(
-            query,
-            key,
-            value,
-            state,
-            scale=scale,
-            sliding_window=sliding_window,
-            softcap=softcap,
-            dropout=dropout,
-        )
-    if chosen == "torch":
-        return _run_torch_varlen(
-            query, key, value, state, scale=scale, sliding_window=sliding_window
-        )
-    if chosen == "flex":
-        return _run_flex(
-            query, key, value, state, scale=scale, sliding_window=sliding_window, softcap=softcap
-        )
-    return _run_sdpa(
-        query,
-        key,
-        value,
-        state,
-        scale=scale,
-        sliding_window=sliding_window,
-        softcap=softcap,
-        dropout=dropout,
-        training=training,
-    )
+    state.call_windows.append(sliding_window)
+    options = {"scale": scale, "sliding_window": sliding_window, "softcap": softcap}
+    return _RUNNERS[chosen](query, key, value, state, dropout=dropout, **options)
 
 
 # ------------------------------------------------------------------------------------------------
 # The transformers-facing attention function
+
+
+def _layer_name(module: torch.nn.Module) -> str:
+    return f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
 
 
 def _hf_attention_forward(
@@ -568,14 +567,14 @@ def _hf_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-function signature: q [1, Hq, T, D], k/v [1, Hkv, T, D] ->
     ([1, T, Hq, D], None)."""
-    layer = f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
     state = kwargs.get(STATE_KWARG)
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if state is None and cu_seqlens is None:
         raise RuntimeError(
-            f"{layer}: the model's attn_implementation is {attention_name(backend)!r}, which runs "
-            "packed batches only and got no cu_seqlens. Call it through fastdpo.sequence_logps "
-            "(or pass fastdpo.attention.packed_attention_kwargs(...)), or switch back with "
+            f"{_layer_name(module)}: the model's attn_implementation is "
+            f"{attention_name(backend)!r}, which runs packed batches only and got no cu_seqlens. "
+            "Call it through fastdpo.sequence_logps (or pass "
+            "fastdpo.attention.packed_attention_kwargs(...)), or switch back with "
             "model.set_attn_implementation('sdpa') for ordinary padded batches."
         )
     if state is None:
@@ -583,7 +582,9 @@ def _hf_attention_forward(
         # here (device syncs), and accept that masks are rebuilt in every layer.
         cu_seqlens_k = kwargs.get("cu_seq_lens_k")
         if cu_seqlens_k is not None and not torch.equal(cu_seqlens_k, cu_seqlens):
-            raise ValueError(f"{layer}: packed self-attention needs cu_seq_lens_k == cu_seq_lens_q")
+            raise ValueError(
+                f"{_layer_name(module)}: packed self-attention needs cu_seq_lens_k == cu_seq_lens_q"
+            )
         max_seqlen = kwargs.get("max_length_q")
         if max_seqlen is None:
             max_seqlen = cu_seqlens.diff().max()
@@ -594,25 +595,29 @@ def _hf_attention_forward(
         )
     elif cu_seqlens is not None and cu_seqlens is not state.cu_seqlens:
         raise ValueError(
-            f"{layer}: cu_seq_lens_q is not the cu_seqlens of the packed state: build both with "
-            "fastdpo.attention.packed_attention_kwargs"
+            f"{_layer_name(module)}: cu_seq_lens_q is not the cu_seqlens of the packed state: "
+            "build both with fastdpo.attention.packed_attention_kwargs"
         )
     if attention_mask is not None:
         raise ValueError(
-            f"{layer}: got an attention mask with packed attention; packed batches are described "
-            "by cu_seqlens alone (a 2D mask would be ambiguous across sequences): drop the mask"
+            f"{_layer_name(module)}: got an attention mask with packed attention; packed batches "
+            "are described by cu_seqlens alone (a 2D mask would be ambiguous across sequences): "
+            "drop the mask"
         )
     if is_causal is False or getattr(module, "is_causal", True) is False:
-        raise ValueError(f"{layer}: packed attention is causal only; this layer is bidirectional")
+        raise ValueError(
+            f"{_layer_name(module)}: packed attention is causal only; this layer is bidirectional"
+        )
     unsupported = sorted(name for name in _UNSUPPORTED_KWARGS if kwargs.get(name) is not None)
     if unsupported:
         raise ValueError(
-            f"{layer}: packed attention does not implement {unsupported} (attention sinks, "
-            "position biases or sparse indices); this model cannot run packed"
+            f"{_layer_name(module)}: packed attention does not implement {unsupported} "
+            "(attention sinks, position biases or sparse indices); this model cannot run packed"
         )
     if query.shape[0] != 1:
         raise ValueError(
-            f"{layer}: packed attention expects one stream (batch size 1), got {query.shape[0]}"
+            f"{_layer_name(module)}: packed attention expects one stream (batch size 1), "
+            f"got {query.shape[0]}"
         )
     out = varlen_attention(
         query[0].transpose(0, 1),

@@ -6,6 +6,7 @@ replaced by ones that share their parameters.
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import torch
@@ -24,11 +25,12 @@ _LIGER_NORM_MODES = {
     "gemma": (1.0, "gemma"),
     "gemma2": (1.0, "gemma"),
 }
-# config activation -> the name of Liger's fused act(gate) * up autograd Function
+# config activation -> (module, name) of Liger's fused act(gate) * up autograd Function. Imported
+# from its own module: the `liger_kernel.ops` package re-exports it only in recent releases.
 _LIGER_GATED_ACTIVATIONS = {
-    "silu": "LigerSiLUMulFunction",
-    "swish": "LigerSiLUMulFunction",
-    "gelu_pytorch_tanh": "LigerGELUMulFunction",
+    "silu": ("liger_kernel.ops.swiglu", "LigerSiLUMulFunction"),
+    "swish": ("liger_kernel.ops.swiglu", "LigerSiLUMulFunction"),
+    "gelu_pytorch_tanh": ("liger_kernel.ops.geglu", "LigerGELUMulFunction"),
 }
 
 
@@ -78,7 +80,6 @@ def apply_liger_body_kernels(
     not on CUDA (Liger's kernels are Triton-only), or its family is not one this knows.
     """
     try:
-        import liger_kernel.ops as liger_ops
         from liger_kernel.transformers.rms_norm import LigerRMSNorm
     except ImportError as error:
         raise ImportError(
@@ -95,9 +96,12 @@ def apply_liger_body_kernels(
         )
     offset, casting_mode = _LIGER_NORM_MODES[config.model_type]
     activation = getattr(config, "hidden_activation", None) or config.hidden_act
-    if swiglu and activation not in _LIGER_GATED_ACTIVATIONS:
-        raise ValueError(f"Liger has no fused gated MLP for activation {activation!r}")
-    multiply = getattr(liger_ops, _LIGER_GATED_ACTIVATIONS.get(activation, "LigerSiLUMulFunction"))
+    multiply = None
+    if swiglu:
+        if activation not in _LIGER_GATED_ACTIVATIONS:
+            raise ValueError(f"Liger has no fused gated MLP for activation {activation!r}")
+        module_name, function_name = _LIGER_GATED_ACTIVATIONS[activation]
+        multiply = getattr(importlib.import_module(module_name), function_name).apply
 
     def make_norm(module: nn.Module) -> nn.Module:
         eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
@@ -111,6 +115,6 @@ def apply_liger_body_kernels(
         norm.weight = module.weight  # the same Parameter: optimizer state and tying survive
         return norm
 
-    replaced = _swap_body_modules(lm, make_norm, multiply.apply, rms_norm=rms_norm, swiglu=swiglu)
+    replaced = _swap_body_modules(lm, make_norm, multiply, rms_norm=rms_norm, swiglu=swiglu)
     logger.info("Liger body kernels on %s: %d modules", type(lm).__name__, len(replaced))
     return replaced

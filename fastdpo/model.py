@@ -12,7 +12,10 @@ logit scaling, so no `[tokens, vocab]` tensor is ever built.
 An architecture whose layers are not all attention (Mamba, RWKV, linear-attention or
 convolution layers, ...) would mix neighbouring sequences through its recurrent state, so it
 is refused, before the forward where its config says so and after it otherwise (every decoder
-layer must have run through the packed attention function).
+layer must have run through the packed attention function, with the sliding window its config
+declares).
+
+Host syncs: none here; the "sdpa" attention backend reads the offsets once per batch.
 """
 
 from __future__ import annotations
@@ -101,10 +104,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError(
-            "sequence_logps got a DistributedDataParallel wrapper: calling into its module "
-            "would skip DDP's gradient synchronisation. Shard the model with FSDP2 "
-            "(torch.distributed.fsdp.fully_shard), which keeps the module callable, or pass "
-            "the bare model on a single device"
+            "sequence_logps got a DistributedDataParallel wrapper: it calls the decoder body "
+            "and the head separately, which bypasses DDP's forward and so its gradient "
+            "synchronisation. Pass the bare model (model.module) and synchronise gradients in "
+            "the training loop"
         )
     compiled = getattr(model, "_orig_mod", None)
     if isinstance(compiled, nn.Module):  # a torch.compile wrapper (OptimizedModule)
@@ -117,11 +120,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = compiled
     get_base_model = getattr(model, "get_base_model", None)
     if callable(get_base_model) and hasattr(model, "peft_config"):
+        # Prompt-learning adapters (prefix/prompt tuning, P-tuning) add virtual tokens in the
+        # PEFT wrapper's own forward, which the base model never sees: they would be dropped.
+        prompt_learning = sorted(
+            name
+            for name, config in model.peft_config.items()
+            if getattr(config, "is_prompt_learning", False)
+        )
+        if prompt_learning:
+            raise TypeError(
+                f"PEFT adapters {prompt_learning} are prompt-learning adapters (virtual tokens "
+                "added by the PEFT wrapper's forward); sequence_logps runs the base model on the "
+                "packed stream and would silently drop them. Use an adapter that lives in the "
+                "model's layers (LoRA, IA3, ...)"
+            )
         model = get_base_model()
     return model
 
 
 def text_config(model: nn.Module):
+    """The config of the language model (the text part of a multimodal config)."""
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -321,7 +339,7 @@ def sequence_logps(
         **attention_kwargs,
     )
     state: PackedAttentionState = attention_kwargs[STATE_KWARG]
-    _check_every_layer_packed(lm, state)
+    _check_layers_ran_packed(lm, state, batch.max_seqlen)
 
     hidden = outputs[0][0]  # [T, H]
     target_hidden = hidden.index_select(0, batch.target_positions)  # [M, H]
@@ -337,7 +355,7 @@ def sequence_logps(
         impl=impl,
     )
     logps, _ = segment_sums(token_logps, batch.target_cu)
-    lengths = batch.target_cu[1:] - batch.target_cu[:-1]
+    lengths = batch.completion_lengths
     result = SequenceLogps(
         logps=logps,
         lengths=lengths,
@@ -350,15 +368,55 @@ def sequence_logps(
     return result
 
 
-def _check_every_layer_packed(model: nn.Module, state: PackedAttentionState) -> None:
-    layers = getattr(text_config(model), "num_hidden_layers", None)
-    if layers is not None and state.calls < layers:
+def _check_layers_ran_packed(model: nn.Module, state: PackedAttentionState, max_seqlen: int):
+    """Raise ValueError unless every decoder layer ran through packed attention, with the
+    sliding window its config declares.
+
+    Layers that never called the attention function (recurrent, convolution or linear-attention
+    layers) mix neighbouring sequences. A layer whose window lives only in the model's mask
+    (e.g. Qwen2-MoE, PhiMoE: their attention call does not pass `sliding_window`) would run
+    full causal attention here, since packed batches have no mask.
+    """
+    config = text_config(model)
+    layers = getattr(config, "num_hidden_layers", None)
+    name = type(model).__name__
+    if layers is None:
+        return
+    if state.calls < layers:
         raise ValueError(
-            f"only {state.calls} of the {layers} decoder layers of {type(model).__name__} ran "
-            "through fastdpo's packed attention; the others (recurrent, convolution or "
-            "linear-attention layers, or attention that bypasses transformers' "
-            "AttentionInterface) would mix neighbouring sequences, so this model cannot be packed"
+            f"only {state.calls} of the {layers} decoder layers of {name} ran through fastdpo's "
+            "packed attention; the others (recurrent, convolution or linear-attention layers, "
+            "or attention that bypasses transformers' AttentionInterface) would mix "
+            "neighbouring sequences, so this model cannot be packed"
         )
+    expected = _declared_windows(config, layers)
+    if expected is None:
+        return
+
+    def effective(window: int | None) -> int | None:
+        # A window at least as long as the longest sequence changes nothing.
+        return window if window is not None and window < max_seqlen else None
+
+    for layer, (declared, used) in enumerate(zip(expected, state.call_windows, strict=False)):
+        if effective(declared) != effective(used):
+            raise ValueError(
+                f"{name} layer {layer}: its config declares sliding window {declared} but its "
+                f"attention call asked for {used}. Packed attention applies only the window the "
+                "call passes (packed batches have no attention mask, where this model keeps its "
+                "window), so the result would differ from the model's own: fastdpo cannot pack it"
+            )
+
+
+def _declared_windows(config, layers: int) -> list[int | None] | None:
+    """The sliding window of each decoder layer as the config declares it (None: full causal),
+    or None if the config declares no window at all."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return [window if kind == "sliding_attention" else None for kind in layer_types]
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return [window] * layers
+    return None
 
 
 def _head_dtype(

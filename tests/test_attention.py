@@ -221,7 +221,10 @@ def test_torch_varlen_arguments(monkeypatch, version, window):
     parameters = frozenset(inspect.signature(fake).parameters)
     monkeypatch.setattr(packed, "_torch_varlen_func", lambda: (fake, parameters))
     q, k, v = random_qkv(LENGTHS)  # grouped-query: 4 query heads, 2 key/value heads
-    out = packed._run_torch_varlen(q, k, v, state_for(LENGTHS), scale=0.3, sliding_window=window)
+    state = state_for(LENGTHS)
+    out = packed._run_torch_varlen(
+        q, k, v, state, scale=0.3, sliding_window=window, softcap=None, dropout=0.0
+    )
     ref = reference_attention(q, k, v, LENGTHS, scale=0.3, window=window)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -283,6 +286,7 @@ def test_per_batch_work_is_shared_by_layers(monkeypatch):
     with torch.no_grad():
         _, state = _packed_forward(model, LENGTHS)
     assert state.calls == 4
+    assert state.call_windows == [4, None, 4, None]  # what fastdpo.model checks the config by
     assert reads == [True, False, False, False]  # offsets read from the device once
     # Gemma 2 soft-caps scores, so every sequence needs a mask: one per (length, window in
     # effect), built by the first layer of each kind and reused by the second. The one-token

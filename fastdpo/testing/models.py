@@ -61,7 +61,7 @@ _CLASSES = {
     "gpt2": (GPT2Config, GPT2LMHeadModel),
 }
 
-_COMMON = {
+TINY_SIZES = {
     "vocab_size": 96,
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -74,6 +74,7 @@ _COMMON = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+"""Config values every tiny model shares (also for building other tiny architectures in tests)."""
 
 _FAMILY_DEFAULTS = {
     "llama": {"tie_word_embeddings": False},
@@ -112,7 +113,7 @@ def tiny_config(
     if family not in _CLASSES:
         raise ValueError(f"unknown model family {family!r}; expected one of {MODEL_FAMILIES}")
     config_class, _ = _CLASSES[family]
-    values = {**_COMMON, **_FAMILY_DEFAULTS[family], **overrides}
+    values = {**TINY_SIZES, **_FAMILY_DEFAULTS[family], **overrides}
     config = config_class(**values)
     config._attn_implementation = attn_implementation
     return config
