@@ -12,6 +12,9 @@ HAS_CUDA = torch.cuda.is_available()
 # at decoration time whether to build an interpreted function.
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # `make test` runs one pytest worker per core: more threads per worker only contend (the
+    # model tests took 8 s with one thread and 50-100 s with two on a loaded 2-core machine).
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
