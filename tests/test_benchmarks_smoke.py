@@ -134,9 +134,10 @@ def test_peak_memory_counts_what_the_call_allocates():
 
     harness.limit_malloc_retention()
     peak = harness.peak_memory_bytes(allocate_64_mib, device=torch.device("cpu"))
-    # Upper bound leaves room for what torch's thread pool and allocator touch around the call
-    # in a busy test process (seen: flaky at 72 MiB); counting the block twice would be 128.
-    assert 64 * 2**20 <= peak < 96 * 2**20
+    # RSS is process-wide: pages the busy test process frees or touches around the call shift
+    # the reading by a few MiB either way (seen: 63.8 and 70+ MiB). Missing the block reads ~0,
+    # counting it twice ~128 MiB.
+    assert 60 * 2**20 <= peak < 96 * 2**20
     assert resident.numel() > 0
 
 
