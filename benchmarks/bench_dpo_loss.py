@@ -312,9 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     rows = harness.run_cases(SCRIPT, cases, timeout_s=args.timeout)
     add_targets(rows)
-    for row in rows:
-        row["bench"] = "dpo_loss"
-    harness.finish(rows, args=args, device=torch.device(args.device), table=render(rows))
+    harness.finish(
+        rows, bench="dpo_loss", args=args, device=torch.device(args.device), table=render(rows)
+    )
 
 
 if __name__ == "__main__":

@@ -313,9 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     rows = harness.run_cases(SCRIPT, cases, timeout_s=args.timeout)
     add_value_check(rows)
-    for row in rows:
-        row["bench"] = "forward"
-    harness.finish(rows, args=args, device=torch.device(args.device), table=render(rows))
+    harness.finish(
+        rows, bench="forward", args=args, device=torch.device(args.device), table=render(rows)
+    )
 
 
 if __name__ == "__main__":

@@ -270,9 +270,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     rows = harness.run_cases(SCRIPT, cases, timeout_s=args.timeout)
     add_value_check(rows)
-    for row in rows:
-        row["bench"] = "linear_logprobs"
-    harness.finish(rows, args=args, device=torch.device(args.device), table=render(rows))
+    harness.finish(
+        rows,
+        bench="linear_logprobs",
+        args=args,
+        device=torch.device(args.device),
+        table=render(rows),
+    )
 
 
 if __name__ == "__main__":

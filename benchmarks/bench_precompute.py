@@ -298,9 +298,9 @@ def main(argv: list[str] | None = None) -> None:
         for mode in modes
     ]
     rows = harness.run_cases(SCRIPT, cases, timeout_s=args.timeout)
-    for row in rows:
-        row["bench"] = "precompute"
-    harness.finish(rows, args=args, device=torch.device(args.device), table=render(rows))
+    harness.finish(
+        rows, bench="precompute", args=args, device=torch.device(args.device), table=render(rows)
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ it. Warm-up (torch.compile, autotuning) happens before the reset, so it does not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -201,11 +202,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_csv: Path) 
     parser.add_argument("--worker", metavar="CASE_JSON", help=argparse.SUPPRESS)
 
 
-def finish(rows: list[dict], *, args: argparse.Namespace, device: torch.device, table: str) -> None:
-    """Adds the environment to `rows`, appends them to the CSV, prints (and writes) the table."""
+def finish(
+    rows: list[dict], *, bench: str, args: argparse.Namespace, device: torch.device, table: str
+) -> None:
+    """Tags `rows` with the benchmark's name and the environment, appends them to the CSV,
+    prints (and writes) the table."""
     env = environment(device)
     for row in rows:
-        row.update(env)
+        row.update(env, bench=bench)
     append_csv(rows, args.csv)
     text = f"{table}\n\n{environment_summary(env)}\n"
     print(text)
@@ -240,13 +244,11 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = "unknown CPU"
-    try:
+    with contextlib.suppress(OSError):  # no /proc (not Linux): keep "unknown CPU"
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
