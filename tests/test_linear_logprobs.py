@@ -195,12 +195,14 @@ def test_triton_impl_matches_float64(case):
     check_fp32(case, "triton")
 
 
-@pytest.mark.parametrize("chunk_rows", [3, 16])
+@pytest.mark.parametrize(("block_rows", "block_columns"), [(3, 10_000), (16, 128), (5, 97)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_impl_several_chunks(monkeypatch, chunk_rows, dtype):
-    """Several row chunks (the last one partial) accumulate the same gradients."""
+def test_torch_impl_several_blocks(monkeypatch, block_rows, block_columns, dtype):
+    """Several row and vocabulary blocks (the last ones partial) give the same values and
+    gradients: the online log-sum-exp and the accumulations over blocks."""
     case = TORCH_CASES[1]
-    monkeypatch.setattr(op_module, "DEFAULT_CHUNK_BYTES", chunk_rows * 4 * case.vocab)
+    monkeypatch.setattr(op_module, "INPUT_BLOCK_BYTES", block_columns * 4 * case.width)
+    monkeypatch.setattr(op_module, "LOGITS_BLOCK_BYTES", block_rows * 4 * block_columns)
     if dtype == torch.float32:
         check_fp32(case, "torch")
     else:
