@@ -12,7 +12,9 @@ the same for every implementation), each case in a fresh subprocess. Implementat
   cce             cut-cross-entropy, exact gradients ("cce_exact", or "cce" with
                   filter_eps=None on releases without it); its torch_compile impl on the CPU
 
-Baselines that are not installed or cannot run on the device are skipped with a note.
+Baselines that are not installed or cannot run on the device are skipped with a note. The run
+first measures the device's matmul rate in the benchmark's dtype (a square `torch.mm`, the
+"matmul" row); every row's "of matmul" column is its TFLOP/s as a fraction of that ceiling.
 
     python benchmarks/bench_linear_logprobs.py                       # CUDA, bf16, the big shapes
     python benchmarks/bench_linear_logprobs.py --device cpu --small  # CPU, fp32, small shapes
@@ -35,6 +37,9 @@ GPU_SHAPES = [(8192, 4096, 128256), (16384, 2048, 151936), (4096, 4096, 32000)]
 SMALL_SHAPES = [(2048, 512, 32000), (1024, 2048, 16384)]
 IMPLS = ("fastdpo-torch", "fastdpo-triton", "naive", "naive-compile", "liger", "cce")
 MODES = ("fwd", "fwd+bwd")
+MATMUL = "matmul"
+"""The ceiling row: one [S, S] @ [S, S] product in the benchmark's dtype."""
+MATMUL_SIZES = {"cuda": 8192, "cpu": 2048}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 LogprobsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -127,8 +132,38 @@ def build_impl(name: str, device: torch.device) -> tuple[LogprobsFn, str]:
 # one case (runs in the worker subprocess)
 
 
+def run_matmul_case(case: dict) -> dict:
+    """The device's matmul rate: [S, S] @ [S, S] in the case's dtype, S = case["n"]."""
+    device = torch.device(case["device"])
+    size = case["n"]
+    generator = torch.Generator().manual_seed(case["seed"])
+    left, right = (
+        torch.randn(size, size, generator=generator).to(device, DTYPES[case["dtype"]])
+        for _ in range(2)
+    )
+    out = torch.empty_like(left)
+
+    def call() -> None:
+        torch.mm(left, right, out=out)
+
+    peak, timing = harness.measure(
+        call, device=device, warmup=case["warmup"], repeats=case["repeats"]
+    )
+    return {
+        "median_ms": timing.median_ms,
+        "p20_ms": timing.p20_ms,
+        "p80_ms": timing.p80_ms,
+        "cpu_median_ms": timing.cpu_median_ms,
+        "tflops": harness.tflops(2 * size**3, timing.median_ms),
+        "peak_mib": peak / 2**20,
+        "note": f"ceiling: [{size}, {size}] @ [{size}, {size}] torch.mm",
+    }
+
+
 def run_case(case: dict) -> dict:
     """Measures one (impl, mode, shape, dtype, device) case; returns the measured fields."""
+    if case["impl"] == MATMUL:
+        return run_matmul_case(case)
     device = torch.device(case["device"])
     dtype = DTYPES[case["dtype"]]
     n, h, v = case["n"], case["h"], case["v"]
@@ -207,6 +242,18 @@ def add_value_check(rows: list[dict]) -> None:
             row["logp_rel_diff"] = abs(row["logp_sum"] - ref) / max(abs(ref), 1e-30)
 
 
+def add_matmul_fraction(rows: list[dict]) -> None:
+    """Sets 'of_matmul': each ok row's TFLOP/s over the matmul row's (same run, same dtype)."""
+    ceiling = next(
+        (row["tflops"] for row in rows if row["impl"] == MATMUL and row["status"] == "ok"), None
+    )
+    if not ceiling:
+        return
+    for row in rows:
+        if row["status"] == "ok" and row["impl"] != MATMUL:
+            row["of_matmul"] = row["tflops"] / ceiling
+
+
 def render(rows: list[dict]) -> str:
     """The markdown table of one run."""
     columns: list[harness.Column] = [
@@ -217,12 +264,17 @@ def render(rows: list[dict]) -> str:
         ("median ms", lambda r: harness.fmt(r.get("median_ms"))),
         ("p20-p80 ms", lambda r: _range(r)),
         ("TFLOP/s", lambda r: harness.fmt(r.get("tflops"), ".3f")),
+        ("of matmul", lambda r: _percent(r.get("of_matmul"))),
         ("peak MiB", lambda r: harness.fmt(r.get("peak_mib"), ",.0f")),
         ("grads MiB", lambda r: harness.fmt(r.get("grads_mib") or None, ",.0f")),
         ("sum logp vs naive", lambda r: harness.fmt(r.get("logp_rel_diff"), ".1e")),
         ("note", lambda r: r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"),
     ]
     return harness.markdown_table(rows, columns)
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def _range(row: dict) -> str:
@@ -239,6 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
+    parser.add_argument(
+        "--matmul-size",
+        type=int,
+        help=f"side of the ceiling matmul (default {MATMUL_SIZES}; 0 skips it)",
+    )
     args = parser.parse_args(argv)
     if args.worker is not None:
         harness.worker_main(run_case, args.worker)
@@ -251,25 +308,28 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown choice {name!r}: choose from {', '.join(allowed)}")
     shapes = args.shapes or (SMALL_SHAPES if args.small else GPU_SHAPES)
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    matmul_size = MATMUL_SIZES[args.device] if args.matmul_size is None else args.matmul_size
+    common = {
+        "dtype": dtype,
+        "device": args.device,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "seed": args.seed,
+    }
     cases = [
-        {
-            "impl": impl,
-            "mode": mode,
-            "n": n,
-            "h": h,
-            "v": v,
-            "dtype": dtype,
-            "device": args.device,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "seed": args.seed,
-        }
+        {"impl": impl, "mode": mode, "n": n, "h": h, "v": v, **common}
         for n, h, v in shapes
         for mode in modes
         for impl in impls
     ]
+    if matmul_size < 0:
+        parser.error(f"--matmul-size must be >= 0, got {matmul_size}")
+    if matmul_size > 0:
+        size = matmul_size
+        cases.insert(0, {"impl": MATMUL, "mode": "mm", "n": size, "h": size, "v": size, **common})
     rows = harness.run_cases(SCRIPT, cases, timeout_s=args.timeout)
     add_value_check(rows)
+    add_matmul_fraction(rows)
     harness.finish(
         rows,
         bench="linear_logprobs",

@@ -45,10 +45,12 @@ def test_bench_linear_logprobs_runs_on_cpu(tmp_path):
     csv_path, md_path = tmp_path / "ll.csv", tmp_path / "ll.md"
     _run_script(
         "bench_linear_logprobs.py",
-        *("--shapes", "96,32,500", "--impls", "fastdpo-torch,naive"),
+        *("--shapes", "96,32,500", "--impls", "fastdpo-torch,naive", "--matmul-size", "64"),
         *("--warmup", "1", "--repeats", "2", "--csv", str(csv_path), "--markdown", str(md_path)),
     )
-    rows = _read_csv(csv_path)
+    matmul, *rows = _read_csv(csv_path)
+    assert (matmul["impl"], matmul["n"], matmul["status"]) == ("matmul", "64", "ok")
+    assert float(matmul["tflops"]) > 0
     assert [(r["impl"], r["mode"]) for r in rows] == [
         ("fastdpo-torch", "fwd"),
         ("naive", "fwd"),
@@ -62,6 +64,9 @@ def test_bench_linear_logprobs_runs_on_cpu(tmp_path):
         assert float(row["peak_mib"]) >= 0
         # Both paths compute the same log-probs: the sums agree to fp32 rounding.
         assert float(row["logp_rel_diff"]) < 1e-5
+        # The fraction of the ceiling matmul's rate, from the two measured rates.
+        expected = float(row["tflops"]) / float(matmul["tflops"])
+        assert float(row["of_matmul"]) == pytest.approx(expected, rel=1e-6)
         assert all(row[column] for column in ENV_COLUMNS)
     assert rows[0]["torch"] == torch.__version__
     table = md_path.read_text()
