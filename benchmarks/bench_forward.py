@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         for budget in budgets
         for impl in impls
     ]
-    rows = harness.run_cases(SCRIPT, cases, timeout_s=args.timeout)
+    rows = harness.run_cases(SCRIPT, cases, timeout_s=args.timeout, rounds=args.rounds)
     add_value_check(rows)
     harness.finish(
         rows, bench="forward", args=args, device=torch.device(args.device), table=render(rows)

@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     if matmul_size > 0:
         size = matmul_size
         cases.insert(0, {"impl": MATMUL, "mode": "mm", "n": size, "h": size, "v": size, **common})
-    rows = harness.run_cases(SCRIPT, cases, timeout_s=args.timeout)
+    rows = harness.run_cases(SCRIPT, cases, timeout_s=args.timeout, rounds=args.rounds)
     add_value_check(rows)
     add_matmul_fraction(rows)
     harness.finish(

@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         for mode in modes
     ]
-    rows = harness.run_cases(SCRIPT, cases, timeout_s=args.timeout)
+    rows = harness.run_cases(SCRIPT, cases, timeout_s=args.timeout, rounds=args.rounds)
     harness.finish(
         rows, bench="precompute", args=args, device=torch.device(args.device), table=render(rows)
     )

@@ -170,17 +170,52 @@ def run_isolated(script: Path, case: dict, *, timeout_s: float) -> dict:
     return {**case, "status": "error", "note": f"worker exit code {proc.returncode}: {reason}"}
 
 
-def run_cases(script: Path, cases: Sequence[dict], *, timeout_s: float) -> list[dict]:
-    """`run_isolated` over `cases` in order, with one progress line per case on stderr."""
-    rows = []
-    for index, case in enumerate(cases, 1):
-        label = " ".join(f"{key}={case[key]}" for key in case if key not in ("seed",))
-        print(f"[{index}/{len(cases)}] {label}", file=sys.stderr, flush=True)
-        row = run_isolated(script, case, timeout_s=timeout_s)
-        detail = f"{row['median_ms']:.1f} ms" if row["status"] == "ok" else row.get("note", "")
-        print(f"    {row['status']}: {detail}", file=sys.stderr, flush=True)
-        rows.append(row)
-    return rows
+def run_cases(
+    script: Path, cases: Sequence[dict], *, timeout_s: float, rounds: int = 1
+) -> list[dict]:
+    """`run_isolated` over `cases` in order, `rounds` times, with one progress line per case on
+    stderr; one row per case.
+
+    With several rounds, the cases alternate (every case once per round), so a slow spell of a
+    shared machine hits all of them alike. A case's row is then its round with the median
+    `median_ms` (so its fields stay consistent), with every round's median in
+    "round_medians_ms" for paired comparisons (see `paired_ratio`).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    runs: list[list[dict]] = [[] for _ in cases]
+    for round_index in range(rounds):
+        for index, case in enumerate(cases, 1):
+            label = " ".join(f"{key}={case[key]}" for key in case if key not in ("seed",))
+            prefix = f"round {round_index + 1}/{rounds} " if rounds > 1 else ""
+            print(f"[{prefix}{index}/{len(cases)}] {label}", file=sys.stderr, flush=True)
+            row = run_isolated(script, case, timeout_s=timeout_s)
+            ok = row["status"] == "ok"
+            detail = f"{row['median_ms']:.1f} ms" if ok else row.get("note", "")
+            print(f"    {row['status']}: {detail}", file=sys.stderr, flush=True)
+            runs[index - 1].append(row)
+    return [_median_round(case_runs) for case_runs in runs]
+
+
+def _median_round(case_runs: list[dict]) -> dict:
+    """One case's row from its rounds: the median-time ok round, or the last failure."""
+    ok = [row for row in case_runs if row["status"] == "ok"]
+    if len(ok) < len(case_runs):  # a round failed: report that, not a partial median
+        return next(row for row in reversed(case_runs) if row["status"] != "ok")
+    ordered = sorted(ok, key=lambda row: row["median_ms"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["rounds"] = len(ok)
+    row["round_medians_ms"] = [run["median_ms"] for run in case_runs]
+    return row
+
+
+def paired_ratio(row: dict, reference: dict) -> float:
+    """`row`'s median time over `reference`'s: the median of the per-round ratios when both ran
+    the same rounds (each round measured them back to back), else the ratio of their medians."""
+    mine, theirs = row.get("round_medians_ms"), reference.get("round_medians_ms")
+    if mine and theirs and len(mine) == len(theirs):
+        return percentile([a / b for a, b in zip(mine, theirs, strict=True)], 50)
+    return row["median_ms"] / reference["median_ms"]
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_csv: Path) -> None:
@@ -193,6 +228,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_csv: Path) 
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (min 1)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every case this many times, alternating cases, and report the median round",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--csv", type=Path, default=default_csv, help="rows are appended here (%(default)s)"

@@ -77,12 +77,13 @@ def test_bench_dpo_loss_runs_on_cpu(tmp_path):
     csv_path = tmp_path / "dpo.csv"
     proc = _run_script(
         "bench_dpo_loss.py",
-        *("--shapes", "2,64,32,500", "--impls", "fastdpo,naive"),
+        *("--shapes", "2,64,32,500", "--impls", "fastdpo,naive", "--rounds", "2"),
         *("--warmup", "1", "--repeats", "2", "--csv", str(csv_path)),
     )
     fastdpo, naive = _read_csv(csv_path)
     assert (fastdpo["impl"], naive["impl"]) == ("fastdpo", "naive")
     assert fastdpo["status"] == naive["status"] == "ok"
+    assert fastdpo["rounds"] == naive["rounds"] == "2"
     # The same DPO loss on the same inputs, through the fused op and through full logits.
     assert float(fastdpo["loss"]) == pytest.approx(float(naive["loss"]), rel=1e-5)
     expected_grads_mib = (2 * 2 * 64 * 32 + 500 * 32) * 4 / 2**20
@@ -101,6 +102,22 @@ def test_baselines_that_cannot_run_on_the_cpu_are_skipped_with_a_reason():
     refs = (torch.zeros(1), torch.zeros(1))
     with pytest.raises(harness.Unavailable, match="CUDA"):
         bench_dpo_loss.build_loss("fastdpo-triton", targets, refs, cpu)
+
+
+def test_rounds_report_the_median_round_and_paired_ratios():
+    def run(median_ms):
+        return {"status": "ok", "median_ms": median_ms, "note": f"{median_ms} ms"}
+
+    fast = harness._median_round([run(10.0), run(30.0), run(20.0)])
+    # The median round's own fields, every round's median for pairing.
+    assert (fast["median_ms"], fast["note"], fast["rounds"]) == (20.0, "20.0 ms", 3)
+    assert fast["round_medians_ms"] == [10.0, 30.0, 20.0]
+    # Per-round ratios 0.5, 0.5, 0.25: their median is 0.5; the medians' ratio would be 20 / 60.
+    slow = harness._median_round([run(20.0), run(60.0), run(80.0)])
+    assert harness.paired_ratio(fast, slow) == 0.5
+    assert harness.paired_ratio({"median_ms": 5.0}, {"median_ms": 20.0}) == 0.25
+    failed = harness._median_round([run(1.0), {"status": "error", "note": "crashed"}])
+    assert failed["status"] == "error"
 
 
 def test_worker_reports_unavailable_as_skipped(capsys):
