@@ -4,7 +4,8 @@ Forward (under no_grad) and forward+backward (gradients of hidden and weight), m
 p20/p80 time, peak memory and effective TFLOP/s (2NHV forward, 8NHV forward+backward, counted
 the same for every implementation), each case in a fresh subprocess. Implementations:
 
-  fastdpo-torch   linear_logprobs(impl="torch"): row chunks, logits recomputed in backward
+  fastdpo-torch   linear_logprobs(impl="torch"): blocks of rows x vocabulary, logits recomputed
+                  in backward
   fastdpo-triton  linear_logprobs(impl="triton"): the Triton kernels (CUDA only here)
   naive           full [N, V] logits, fp32 log-softmax, gather
   naive-compile   the same under torch.compile

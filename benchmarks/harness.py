@@ -178,8 +178,8 @@ def run_cases(
 
     With several rounds, the cases alternate (every case once per round), so a slow spell of a
     shared machine hits all of them alike. A case's row is then its round with the median
-    `median_ms` (so its fields stay consistent), with every round's median in
-    "round_medians_ms" for paired comparisons (see `paired_ratio`).
+    `median_ms` (so its fields stay consistent; the lower middle one for an even count), with
+    every round's median in "round_medians_ms" for paired comparisons (see `paired_ratio`).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -201,7 +201,12 @@ def _median_round(case_runs: list[dict]) -> dict:
     """One case's row from its rounds: the median-time ok round, or the last failure."""
     ok = [row for row in case_runs if row["status"] == "ok"]
     if len(ok) < len(case_runs):  # a round failed: report that, not a partial median
-        return next(row for row in reversed(case_runs) if row["status"] != "ok")
+        failed = [(k, row) for k, row in enumerate(case_runs, 1) if row["status"] != "ok"]
+        index, row = failed[-1]
+        if len(case_runs) == 1:
+            return row
+        return {**row, "note": f"round {index}/{len(case_runs)}: {row.get('note', '')}"}
+    # With an even count this is the lower (faster) of the two middle rounds.
     ordered = sorted(ok, key=lambda row: row["median_ms"])
     row = dict(ordered[(len(ordered) - 1) // 2])
     row["rounds"] = len(ok)
@@ -232,7 +237,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_csv: Path) 
         "--rounds",
         type=int,
         default=1,
-        help="run every case this many times, alternating cases, and report the median round",
+        help="run every case this many times, alternating cases, and report the median round "
+        "(use an odd number)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -7,6 +7,7 @@ tiny shapes; `gpu` tests repeat the checks at realistic shapes on CUDA, bf16 inc
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -195,18 +196,62 @@ def test_triton_impl_matches_float64(case):
     check_fp32(case, "triton")
 
 
-@pytest.mark.parametrize(("block_rows", "block_columns"), [(3, 10_000), (16, 128), (5, 97)])
+def _set_blocks(monkeypatch, case: Case, rows: int, columns: int) -> None:
+    """The torch impl's blocks: at most `rows` x `columns` (both capped by the case's size)."""
+    columns = min(columns, case.vocab)
+    monkeypatch.setattr(op_module, "INPUT_BLOCK_BYTES", max(columns, rows) * 4 * case.width)
+    monkeypatch.setattr(op_module, "LOGITS_BLOCK_BYTES", rows * 4 * columns)
+
+
+@pytest.mark.parametrize(("block_rows", "block_columns"), [(3, 10_000), (16, 128), (5, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_impl_several_blocks(monkeypatch, block_rows, block_columns, dtype):
     """Several row and vocabulary blocks (the last ones partial) give the same values and
     gradients: the online log-sum-exp and the accumulations over blocks."""
     case = TORCH_CASES[1]
-    monkeypatch.setattr(op_module, "INPUT_BLOCK_BYTES", block_columns * 4 * case.width)
-    monkeypatch.setattr(op_module, "LOGITS_BLOCK_BYTES", block_rows * 4 * block_columns)
+    _set_blocks(monkeypatch, case, block_rows, block_columns)
+    plan = op_module._block_plan(
+        case.rows, case.vocab, case.width, op_module.LOGITS_BLOCK_BYTES, torch.device("cpu")
+    )
+    assert plan.rows <= block_rows and case.rows % plan.rows != 0  # a partial last row block
+    if block_columns < case.vocab:
+        assert case.vocab % plan.columns != 0  # a partial last vocabulary block
     if dtype == torch.float32:
         check_fp32(case, "torch")
     else:
         check_low_precision(case, dtype, "torch")
+
+
+@pytest.mark.parametrize(
+    "requires", [(True, False, False), (False, True, False), (False, False, True)]
+)
+def test_torch_impl_several_blocks_partial_requires_grad(monkeypatch, requires):
+    case = Case(21, 24, 150, bias=True, softcap=4.0, temperature=0.8)
+    _set_blocks(monkeypatch, case, 4, 32)
+    check_fp32(case, "torch", requires=requires)
+
+
+def test_torch_impl_blocks_of_masked_tokens():
+    """A -inf bias masks the first vocabulary blocks of every row: no NaN from -inf - -inf in the
+    online log-sum-exp, the same log-probs as one block."""
+    hidden, weight, _, targets, _, _ = make_inputs(Case(6, 8, 40), torch.float32)
+    bias = torch.zeros(40)
+    bias[:10] = -math.inf
+    targets = targets.clamp(10, 39)
+    one_block = linear_logprobs(hidden, weight, targets, bias=bias, impl="torch")
+    with pytest.MonkeyPatch.context() as patch:
+        _set_blocks(patch, Case(6, 8, 40), 6, 8)
+        blocks = linear_logprobs(hidden, weight, targets, bias=bias, impl="torch")
+    assert torch.isfinite(blocks).all()
+    torch.testing.assert_close(blocks, one_block)
+
+
+def test_block_plan_is_cache_sized_on_the_cpu_only():
+    cpu = op_module._block_plan(16384, 128256, 4096, 32 * 2**20, torch.device("cpu"))
+    assert cpu.columns * 4096 * 4 <= op_module.INPUT_BLOCK_BYTES
+    # A GPU runs whole-vocabulary row chunks: thousands of small blocks would be launch-bound.
+    gpu = op_module._block_plan(16384, 128256, 4096, 32 * 2**20, torch.device("meta"))
+    assert gpu.columns == 128256 and gpu.rows * gpu.columns * 4 <= 32 * 2**20
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
