@@ -44,7 +44,7 @@ Peak extra memory is one such buffer (two in a soft-capped backward) plus the gr
 bf16/fp16 inputs the fp32 block copies and accumulators (see `_torch_backward`)."""
 
 INPUT_BLOCK_BYTES = 8 * 2**20
-"""fp32 bytes of one block of W rows (and of hidden rows) in the torch impl.
+"""fp32 bytes of one block of W rows (and of hidden rows) in the torch impl, on the CPU.
 
 A vocabulary block of W is reused by the block's three products (logits, dW, dH) and by every
 row block, so it should stay in the CPU's caches; blocks of [2048 rows, 4096 columns] ran the
