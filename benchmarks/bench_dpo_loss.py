@@ -303,10 +303,7 @@ def main(argv: list[str] | None = None) -> None:
             "h": h,
             "v": v,
             "dtype": "fp32",
-            "device": args.device,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "seed": args.seed,
+            **harness.run_settings(args),
         }
         for pairs, length, h, v in shapes
         for impl in impls

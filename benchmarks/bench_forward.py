@@ -301,12 +301,9 @@ def main(argv: list[str] | None = None) -> None:
             "model": model,
             "budget": budget,
             "dtype": dtype,
-            "device": args.device,
             "checkpointing": args.checkpointing,
             "threads": args.threads,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "seed": args.seed,
+            **harness.run_settings(args),
         }
         for budget in budgets
         for impl in impls

@@ -310,13 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes = args.shapes or (SMALL_SHAPES if args.small else GPU_SHAPES)
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     matmul_size = MATMUL_SIZES[args.device] if args.matmul_size is None else args.matmul_size
-    common = {
-        "dtype": dtype,
-        "device": args.device,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "seed": args.seed,
-    }
+    common = {"dtype": dtype, **harness.run_settings(args)}
     cases = [
         {"impl": impl, "mode": mode, "n": n, "h": h, "v": v, **common}
         for n, h, v in shapes

@@ -288,12 +288,9 @@ def main(argv: list[str] | None = None) -> None:
             "mode": mode,
             "preset": preset_name,
             "dtype": args.dtype or ("bf16" if args.device == "cuda" else "fp32"),
-            "device": args.device,
             "train_budget": args.train_budget or preset["train_budget"],
             "ref_budget": args.ref_budget or preset["ref_budget"],
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "seed": args.seed,
+            **harness.run_settings(args),
         }
         for mode in modes
     ]

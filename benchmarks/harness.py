@@ -249,6 +249,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_csv: Path) 
     parser.add_argument("--worker", metavar="CASE_JSON", help=argparse.SUPPRESS)
 
 
+def run_settings(args: argparse.Namespace) -> dict:
+    """The fields every case takes from `add_common_arguments`' options."""
+    return {
+        "device": args.device,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "seed": args.seed,
+    }
+
+
 def finish(
     rows: list[dict], *, bench: str, args: argparse.Namespace, device: torch.device, table: str
 ) -> None:
