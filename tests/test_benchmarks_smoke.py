@@ -92,6 +92,33 @@ def test_bench_dpo_loss_runs_on_cpu(tmp_path):
     assert "| pairs x T, H, V |" in proc.stdout
 
 
+def test_bench_forward_runs_on_cpu(tmp_path):
+    csv_path = tmp_path / "forward.csv"
+    _run_script(
+        "bench_forward.py",
+        *("--budgets", "128", "--impls", "packed-sdpa,padded", "--warmup", "1"),
+        *("--repeats", "1", "--csv", str(csv_path)),
+    )
+    rows = _read_csv(csv_path)
+    assert [(r["impl"], r["status"]) for r in rows] == [("packed-sdpa", "ok"), ("padded", "ok")]
+    assert all(float(r["median_ms"]) > 0 and r["repeats"] == "1" for r in rows)
+
+
+def test_bench_precompute_runs_on_cpu(tmp_path):
+    csv_path = tmp_path / "precompute.csv"
+    command = [sys.executable, str(BENCHMARKS / "bench_precompute.py"), "--device", "cpu"]
+    command += ["--preset", "tiny", "--warmup", "1", "--repeats", "1", "--csv", str(csv_path)]
+    proc = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _read_csv(csv_path)
+    assert rows and all(r["status"] == "ok" and r["seed"] == "0" for r in rows)
+
+
 def test_baselines_that_cannot_run_on_the_cpu_are_skipped_with_a_reason():
     cpu = torch.device("cpu")
     with pytest.raises(harness.Unavailable, match="CUDA"):
