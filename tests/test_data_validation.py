@@ -5,6 +5,7 @@ import logging
 
 import pytest
 
+from fastdpo.data.ranking import PAIRING_POLICIES
 from fastdpo.data.sources import load_preference_data
 from fastdpo.data.tokenize import tokenize_pairs
 from fastdpo.data.validation import BadRowError, Reason
@@ -162,3 +163,64 @@ def test_prompt_longer_than_max_length_both_policies(caplog):
 def test_bad_policy_name_is_rejected():
     with pytest.raises(ValueError, match="on_bad_row must be one of"):
         load_preference_data([GOOD], on_bad_row="ignore")
+
+
+def _reply(text):
+    return [{"role": "assistant", "content": text}]
+
+
+# Ranked rows in which two responses are the same text with different scores: the row
+# contradicts itself whether or not the pairing forms the pair of the two.
+CONTRADICTORY_RANKED_ROWS = {
+    "the_pair_itself": ({"responses": ["Same", "Same"], "scores": [1, 0]}, 0, 1),
+    "never_paired_by_best_vs_worst": (
+        {"responses": ["Same", "b", "Same", "c"], "scores": [3, 2, 1, 0]},
+        0,
+        2,
+    ),
+    "gap_too_small_for_any_pair": ({"responses": ["x", "y", "x"], "scores": [1, 0.95, 0.9]}, 0, 2),
+    "message_replies": (
+        {"responses": [_reply("x"), _reply("y"), _reply("x")], "scores": [0.5, 0.9, 0.1]},
+        0,
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize("pairing", PAIRING_POLICIES)
+@pytest.mark.parametrize("case", list(CONTRADICTORY_RANKED_ROWS))
+def test_identical_ranked_responses_scored_differently_are_a_bad_row(case, pairing, tmp_path):
+    fields, i, j = CONTRADICTORY_RANKED_ROWS[case]
+    bad = {"prompt": "Hi", **fields}
+    good = {"prompt": "Hi", "responses": ["a", "b"], "scores": [1, 0]}
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in [good, bad, good]))
+    with pytest.raises(BadRowError) as info:
+        load_preference_data(path, pairing=pairing, min_score_gap=0.2)
+    (problem,) = info.value.problems
+    assert problem.reason is Reason.IDENTICAL and problem.row == 1
+    scores = fields["scores"]
+    assert (
+        f"{path}, row 1: responses[{i}] is identical to responses[{j}] but they are scored "
+        f"differently ({float(scores[i])} vs {float(scores[j])})"
+    ) in str(info.value)
+    data = load_preference_data(path, pairing=pairing, min_score_gap=0.2, on_bad_row="skip")
+    assert [e.row for e in data] == [0, 2]
+    assert data.report.skipped == {Reason.IDENTICAL.value: 1}
+
+
+@pytest.mark.parametrize("pairing", PAIRING_POLICIES)
+def test_identical_ranked_responses_scored_alike_are_not_a_bad_row(pairing):
+    """Same text, same score: no contradiction; the pairing just never pairs the two."""
+    row = {"id": "r", "prompt": "Hi", "responses": ["a", "b", "a"], "scores": [2, 1, 2]}
+    data = load_preference_data([row], pairing=pairing)
+    assert all((e.chosen, e.rejected) == ("a", "b") for e in data)
+    pairs = {"best_vs_worst": ["r:0>1"], "best_vs_each": ["r:0>1"], "all_pairs": ["r:0>1", "r:2>1"]}
+    assert [e.example_id for e in data] == pairs[pairing]
+
+
+def test_ranked_responses_of_mixed_kinds_are_malformed():
+    """Strings and message lists mixed, even in a response no pair uses."""
+    row = {"prompt": "Hi", "responses": ["a", "b", _reply("c")], "scores": [2, 0, 1]}
+    with pytest.raises(BadRowError, match="row 0: 'responses' must all be strings or all be"):
+        load_preference_data([row])

@@ -13,7 +13,8 @@ Formats, recognized by the columns a row has (`detect_format`):
   their common prefix cut back to the last assistant marker.
 - "unpaired": `prompt`, `completion`, `label` (bool), for KTO.
 - "ranked": `prompt`, `responses` (a list of texts or of assistant replies) and `scores`,
-  turned into pairs by a pairing policy (see `fastdpo.data.ranking`).
+  turned into pairs by a pairing policy (see `fastdpo.data.ranking`). Two identical responses
+  with different scores make the row a bad row (`IDENTICAL`) under every pairing policy.
 
 Example ids come from the `id` column when the row has one (ranked pairs append
 ":<chosen index>><rejected index>"), else from a hash of the example's content.
@@ -210,6 +211,11 @@ def _ranked_examples(row, options: FormatOptions, row_id, example) -> list[Prefe
         )
     scores = [check_score(s, f"scores[{i}]") for i, s in enumerate(scores)]
     texts = [check_text(r, f"responses[{i}]") for i, r in enumerate(responses)]
+    if len({isinstance(t, str) for t in texts}) > 1:
+        raise RowProblem(
+            Reason.MALFORMED, "'responses' must all be strings or all be message lists"
+        )
+    _check_consistent_scores(texts, scores)
     pairs = rank_pairs(scores, options.pairing, options.min_score_gap)
     if not pairs:
         raise RowProblem(
@@ -220,16 +226,24 @@ def _ranked_examples(row, options: FormatOptions, row_id, example) -> list[Prefe
     examples = []
     for i, j in pairs:
         chosen, rejected = texts[i], texts[j]
-        if chosen == rejected:
-            raise RowProblem(
-                Reason.IDENTICAL, f"responses[{i}] is identical to responses[{j}] (scores differ)"
-            )
-        if isinstance(chosen, str) != isinstance(rejected, str):
-            raise RowProblem(
-                Reason.MALFORMED, "'responses' must all be strings or all be message lists"
-            )
         p, chosen = _promote(prompt, chosen, f"responses[{i}]")
         _, rejected = _promote(prompt, rejected, f"responses[{j}]")
         pair_id = None if row_id is None else f"{row_id}:{i}>{j}"
         examples.append(example(pair_id, prompt=p, chosen=chosen, rejected=rejected))
     return examples
+
+
+def _check_consistent_scores(texts: list[Text], scores: list[float]) -> None:
+    """Two identical responses scored differently make the row contradict itself, whichever
+    pairs the policy forms (best_vs_worst may never pair the two): an `IDENTICAL` bad row.
+    Identical responses with equal scores are left to the pairing (a positive gap is needed)."""
+    first_of: dict[str, int] = {}
+    for j, text in enumerate(texts):
+        key = json.dumps(text, sort_keys=True, ensure_ascii=False, default=str)
+        i = first_of.setdefault(key, j)
+        if i != j and scores[i] != scores[j]:
+            raise RowProblem(
+                Reason.IDENTICAL,
+                f"responses[{i}] is identical to responses[{j}] but they are scored differently "
+                f"({scores[i]} vs {scores[j]})",
+            )
