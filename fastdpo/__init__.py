@@ -32,6 +32,9 @@ _EXPORTS = {
     "sequence_logps": "fastdpo.model",
     "SequenceLogps": "fastdpo.model",
     "ReferenceCache": "fastdpo.reference",
+    "TrainConfig": "fastdpo.train",
+    "Trainer": "fastdpo.train",
+    "TrainResult": "fastdpo.train",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from fastdpo.argtypes import positive_int
 from fastdpo.precompute import add_parser as add_precompute_ref
+from fastdpo.train.command import add_parser as add_train
 
 SubcommandAdder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
@@ -67,16 +68,25 @@ def add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(handler=_run_demo)
 
 
-SUBCOMMANDS: list[SubcommandAdder] = [add_demo, add_precompute_ref]
+SUBCOMMANDS: list[SubcommandAdder] = [add_demo, add_train, add_precompute_ref]
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """A usage mistake is one line on stderr (`fastdpo train: error: ...`) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `fastdpo` parser with every subcommand in `SUBCOMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="fastdpo",
         description="Direct Preference Optimization without [tokens, vocab] logits.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_OneLineErrors
+    )
     for add_subcommand in SUBCOMMANDS:
         add_subcommand(subparsers)
     return parser
@@ -84,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fastdpo` console script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        message = f"unrecognized arguments: {' '.join(unknown)}"
+        hint = getattr(args, "unknown_option_hint", None)
+        options = [u for u in unknown if u.startswith("--")]
+        if hint is not None and options:
+            parser.exit(2, f"{parser.prog} {args.command}: error: {hint(options[0])}\n")
+        parser.error(message)
     return args.handler(args)
 
 

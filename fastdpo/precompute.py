@@ -50,15 +50,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--on-bad-row", choices=["error", "skip"], default="error", help="(default %(default)s)"
     )
 
-    tok = parser.add_argument_group("tokenization (recorded in the fingerprint)")
-    tok.add_argument("--max-length", type=positive_int, required=True)
-    tok.add_argument("--max-prompt-length", type=positive_int)
-    tok.add_argument("--prompt-truncation", choices=["left", "right"], default="left")
-    tok.add_argument(
-        "--loss-on", choices=["final_turn", "all_assistant_turns"], default="final_turn"
+    from fastdpo.train.command import TOKENIZATION_FIELDS, add_config_options
+
+    tok = parser.add_argument_group(
+        "tokenization (recorded in the fingerprint; the same options as `fastdpo train`)"
     )
-    tok.add_argument("--no-add-eos", dest="add_eos", action="store_false")
-    tok.add_argument("--text-as-chat", action="store_true")
+    add_config_options(tok, TOKENIZATION_FIELDS, with_defaults=True)
     tok.add_argument("--num-proc", type=positive_int, default=1, help="tokenizer processes")
 
     run_group = parser.add_argument_group("the pass")
@@ -68,7 +65,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default="auto",
         help="model dtype (auto: bfloat16 on CUDA, float32 on the CPU)",
     )
-    run_group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run_group.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the pass runs (auto: CUDA when available)",
+    )
     run_group.add_argument(
         "--attention",
         choices=["auto", "flash", "torch", "flex", "sdpa"],
@@ -99,7 +101,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run_group.add_argument(
         "--overwrite", action="store_true", help="replace a cache built from other inputs"
     )
-    run_group.add_argument("--no-progress", dest="progress", action="store_false")
+    run_group.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar"
+    )
     parser.set_defaults(handler=run)
 
 

@@ -1,0 +1,173 @@
+"""`fastdpo train CONFIG.yaml [--key value ...]`: a training run from a YAML file and overrides.
+
+Every `TrainConfig` field is an option (`--max-length 512`, `--beta 0.2`, booleans as
+`--gradient-checkpointing` / `--no-gradient-checkpointing`), documented by the field's own
+docstring in `--help`; options override the YAML file. Loss parameters go by their registry
+names (`--label-smoothing 0.1`). The tokenization options are the same, with the same
+defaults, as `fastdpo precompute-ref`'s (`add_config_options` builds both).
+
+Exit status: 0 done, 2 a user mistake (bad key or value, missing file: one line, no
+traceback), 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import yaml
+
+from fastdpo.train.config import TrainConfig, field_docs, loss_parameter_names
+
+TOKENIZATION_FIELDS = (
+    "max_length",
+    "max_prompt_length",
+    "prompt_truncation",
+    "loss_on",
+    "add_eos",
+    "text_as_chat",
+)
+"""The options both `fastdpo train` and `fastdpo precompute-ref` take (same names, defaults)."""
+
+_CHOICES = {
+    "prompt_truncation": ("left", "right"),
+    "loss_on": ("final_turn", "all_assistant_turns"),
+    "dtype": ("auto", "float32", "bfloat16"),
+    "attention": ("auto", "flash", "torch", "flex", "sdpa"),
+    "on_bad_row": ("error", "skip"),
+    "report_to": ("auto", "tensorboard", "none"),
+}
+
+
+def _yaml_value(text: str) -> Any:
+    """A command-line value read as YAML (numbers, null, true/false, lists) or kept as text."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def add_config_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    names: Iterable[str],
+    *,
+    with_defaults: bool,
+) -> None:
+    """One `--field-name` option per `TrainConfig` field in `names`, help from its docstring.
+
+    `with_defaults=False` (train): an option not given is absent from the namespace, so the
+    YAML file's value stands. `with_defaults=True` (precompute-ref): TrainConfig's defaults.
+    """
+    docs = field_docs()
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in names:
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        flag = "--" + name.replace("_", "-")
+        help_text = docs.get(name, "").replace("%", "%%")
+        if default is not None and default != "":
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": name, "help": help_text}
+        kwargs["default"] = default if with_defaults else argparse.SUPPRESS
+        if str(f.type) == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if name in _CHOICES:
+            kwargs["choices"] = _CHOICES[name]
+        elif "int" in str(f.type) and "float" not in str(f.type):
+            kwargs["type"] = _int_or_null
+            kwargs["metavar"] = "N"
+        else:
+            kwargs["type"] = _yaml_value
+            kwargs["metavar"] = "VALUE"
+        parser.add_argument(flag, **kwargs)
+
+
+def _int_or_null(text: str) -> int | None:
+    if text.lower() in ("null", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or null, got {text!r}") from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `train` (sets `handler` to `run`)."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model with DPO (or another preference loss) from a YAML config",
+        description=(
+            "Train a causal LM on preference pairs. CONFIG.yaml holds TrainConfig keys (TRL's "
+            "names where TRL has the concept); every key is also an option below and options "
+            "override the file. Writes output_dir/config.yaml, metrics.jsonl, checkpoint-STEP/ "
+            "and final/."
+        ),
+    )
+    parser.add_argument("config", nargs="?", help="YAML file of TrainConfig keys (optional)")
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "loss_params"]
+    tokenization = parser.add_argument_group("tokenization (the same as precompute-ref's)")
+    add_config_options(tokenization, TOKENIZATION_FIELDS, with_defaults=False)
+    rest = parser.add_argument_group("run settings")
+    add_config_options(
+        rest, [n for n in fields if n not in TOKENIZATION_FIELDS], with_defaults=False
+    )
+    params = parser.add_argument_group("loss parameters (by registry name)")
+    for name in sorted(loss_parameter_names() - {"bco_state", "kl_policy_logps", "kl_ref_logps"}):
+        params.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=_yaml_value,
+            default=argparse.SUPPRESS,
+            metavar="VALUE",
+            help=f"the loss parameter {name!r}",
+        )
+    parser.set_defaults(handler=run, unknown_option_hint=unknown_option_hint)
+
+
+def unknown_option_hint(option: str) -> str:
+    """`--betta` -> "unknown key 'betta'; did you mean 'beta'? ..." (for the CLI's error)."""
+    from fastdpo.train.config import unknown_key_message
+
+    return unknown_key_message(option.lstrip("-").split("=", 1)[0].replace("-", "_"))
+
+
+_NOT_CONFIG = ("config", "handler", "command", "unknown_option_hint")
+"""Namespace entries that are not TrainConfig keys."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as `args` says; returns the exit status."""
+    from fastdpo.data.validation import BadRowError
+    from fastdpo.reference_shards import ReferenceCacheError
+    from fastdpo.train.config import ConfigError
+    from fastdpo.train.trainer import NonFiniteLossError, Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    overrides = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("config", "handler", "command", "unknown_option_hint")
+    }
+    try:
+        config = TrainConfig.from_yaml(args.config, overrides)
+        trainer = Trainer(config)
+        result = trainer.train()
+    except (ConfigError, BadRowError, ReferenceCacheError, FileNotFoundError) as error:
+        print(f"fastdpo train: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as error:
+        print(f"fastdpo train: stopped: {error}", file=sys.stderr)
+        return 1
+    if result.interrupted:
+        print(f"interrupted after step {result.global_step}; checkpoint: {result.last_checkpoint}")
+        print("resume with: --resume-from-checkpoint latest")
+        return 128 + int(result.stop_signal or signal.SIGINT)
+    print(f"done: {result.global_step} steps; final model in {result.final_dir}")
+    print(f"metrics: {config.output_dir}/metrics.jsonl")
+    return 0

@@ -1,0 +1,180 @@
+"""The run's data: rows loaded and tokenized once, split into train/eval, and the step plan.
+
+Data order is a pure function of (seed, epoch): every epoch is a permutation of the training
+pairs, cut into steps of `pairs_per_step` pairs (the last step of an epoch may be smaller);
+each step's pairs are packed into token-budget micro-batches. A process of a multi-process run
+takes its share of every step's pairs (`rank_share`), so every rank sees the same step
+boundaries and the step's loss is normalized by the global pair count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fastdpo.data.packing import pack_pairs
+from fastdpo.data.sources import load_preference_data
+from fastdpo.data.tokenize import tokenize_pairs
+from fastdpo.data.types import PackedBatch, PreferenceExample, TokenizedPair
+from fastdpo.train.config import ConfigError, TrainConfig
+
+logger = logging.getLogger("fastdpo.train")
+
+
+@dataclass(kw_only=True)
+class RunData:
+    """Tokenized training and evaluation pairs of a run."""
+
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+
+
+def load_run_data(config: TrainConfig, tokenizer: Any) -> RunData:
+    """Load, split and tokenize `config.data` (and `eval_data`); errors name the key."""
+    train_rows = _load(config.data, "data", config)
+    if config.eval_data is not None:
+        eval_rows = _load(config.eval_data, "eval_data", config)
+    elif config.eval_fraction > 0:
+        train_rows, eval_rows = _hold_out(train_rows, config.eval_fraction, config.seed)
+    else:
+        eval_rows = []
+    kwargs = config.tokenization_kwargs()
+    train = tokenize_pairs(
+        train_rows,
+        tokenizer,
+        on_bad_row=config.on_bad_row,
+        num_proc=config.dataset_num_proc,
+        **kwargs,
+    )
+    eval_pairs = (
+        tokenize_pairs(eval_rows, tokenizer, on_bad_row=config.on_bad_row, **kwargs)
+        if eval_rows
+        else []
+    )
+    if not train:
+        raise ConfigError(f"data: no training pairs left after tokenization ({config.data!r})")
+    for name, pairs in (("data", train), ("eval_data", eval_pairs)):
+        if any(not p.is_paired for p in pairs):
+            raise ConfigError(
+                f"{name}: holds unpaired (KTO) rows; the trainer runs paired preference data "
+                "(prompt, chosen, rejected)"
+            )
+        _check_fits(pairs, config.max_tokens_per_batch, name)
+    logger.info("%d training pairs, %d held-out pairs", len(train), len(eval_pairs))
+    return RunData(train=list(train), eval=list(eval_pairs))
+
+
+def _load(source: Any, key: str, config: TrainConfig) -> list[PreferenceExample]:
+    try:
+        return load_preference_data(source, split=config.data_split, on_bad_row=config.on_bad_row)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{key}: {error}") from None
+
+
+def _hold_out(
+    rows: list[PreferenceExample], fraction: float, seed: int
+) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """(train, eval): a seeded random `fraction` of the rows (at least one) held out."""
+    count = max(1, round(len(rows) * fraction))
+    if count >= len(rows):
+        raise ConfigError(
+            f"eval_fraction: {fraction} of {len(rows)} rows leaves nothing to train on"
+        )
+    order = np.random.default_rng(seed).permutation(len(rows))
+    held = set(order[:count].tolist())
+    train = [row for i, row in enumerate(rows) if i not in held]
+    held_out = [row for i, row in enumerate(rows) if i in held]
+    return train, held_out
+
+
+def _check_fits(pairs: Sequence[TokenizedPair], budget: int, key: str) -> None:
+    too_long = [p for p in pairs if p.num_tokens > budget]
+    if too_long:
+        worst = max(too_long, key=lambda p: p.num_tokens)
+        raise ConfigError(
+            f"max_tokens_per_batch: {len(too_long)} pair(s) of {key} need more than {budget} "
+            f"tokens (the longest, {worst.example_id!r}, needs {worst.num_tokens}: prompt twice "
+            f"plus both completions); raise max_tokens_per_batch to at least "
+            f"{worst.num_tokens} or lower max_length"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# The step plan
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepPlan:
+    """Which pairs each optimizer step trains on: deterministic per (seed, epoch)."""
+
+    num_pairs: int
+    pairs_per_step: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_pairs / self.pairs_per_step)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """int64 [num_pairs]: the pair indices of `epoch`, in training order."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
+
+    def step_pairs(self, epoch: int, step_in_epoch: int) -> list[int]:
+        """Indices of the pairs of one step (global, before splitting across ranks)."""
+        order = self.epoch_order(epoch)
+        start = step_in_epoch * self.pairs_per_step
+        return order[start : start + self.pairs_per_step].tolist()
+
+    def position(self, global_step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of the step after `global_step` finished steps."""
+        return divmod(global_step, self.steps_per_epoch)
+
+
+def total_steps(config: TrainConfig, plan: StepPlan) -> int:
+    """Optimizer steps of the run: max_steps, else ceil(epochs x steps per epoch)."""
+    if config.max_steps is not None:
+        return config.max_steps
+    return max(1, math.ceil(config.num_train_epochs * plan.steps_per_epoch))
+
+
+def rank_share(pair_indices: list[int], sizes: Sequence[int], rank: int, world: int) -> list[int]:
+    """This rank's pairs of a step: greedy longest-first onto the least-loaded rank (tokens),
+    so ranks carry about the same tokens; pairs are never split. One rank: all of them."""
+    if world == 1:
+        return list(pair_indices)
+    loads = [0] * world
+    owned: list[list[int]] = [[] for _ in range(world)]
+    for index in sorted(pair_indices, key=lambda i: (-sizes[i], i)):
+        target = min(range(world), key=lambda r: (loads[r], r))
+        loads[target] += sizes[index]
+        owned[target].append(index)
+    return sorted(owned[rank], key=pair_indices.index)
+
+
+def micro_batches(
+    pairs: Sequence[TokenizedPair],
+    indices: list[int],
+    *,
+    max_tokens_per_batch: int,
+    seed: int,
+    epoch: int,
+) -> Iterator[PackedBatch]:
+    """The packed micro-batches of one step's (rank's) pairs."""
+    if not indices:
+        return iter(())
+    chosen = [pairs[i] for i in indices]
+    return iter(
+        pack_pairs(chosen, max_tokens_per_batch=max_tokens_per_batch, seed=seed, epoch=epoch)
+    )
+
+
+def eval_batches(pairs: Sequence[TokenizedPair], *, max_tokens_per_batch: int) -> list[PackedBatch]:
+    """Held-out pairs packed once, in a fixed order."""
+    if not pairs:
+        return []
+    return list(pack_pairs(pairs, max_tokens_per_batch=max_tokens_per_batch, shuffle=False))

@@ -1,0 +1,174 @@
+"""One optimizer step's forward and backward over its micro-batches, and evaluation.
+
+The loss of a step is the mean over the step's pairs, however they were split into
+micro-batches: each micro-batch's mean loss is weighted by its share of the step's pairs
+(`pairs in the micro-batch / pairs in the step`, the step's count being global under data
+parallelism) before backward, so accumulating 4 micro-batches gives the gradient of one.
+Metrics are combined the same way (pair-weighted means), on the device, without host syncs.
+
+Losses with batch statistics: BCO's running reward mean is updated micro-batch by micro-batch
+(so a step split into several micro-batches sees the mean of the pairs before it, not of the
+whole step); the trainer carries it across steps and checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastdpo.data.types import PackedBatch
+from fastdpo.losses import RunningMean, preference_loss
+from fastdpo.model import sequence_logps
+from fastdpo.reference import ReferenceCache
+
+_STATE_METRICS = ("bco/reward_mean", "bco/reward_count")
+"""Metrics that carry state rather than a batch mean: the last micro-batch's value is kept."""
+
+
+@dataclass(kw_only=True)
+class LossSettings:
+    """What `preference_loss` is called with, besides the log-probs."""
+
+    loss: Any = "sigmoid"
+    beta: float = 0.1
+    params: dict[str, Any] = field(default_factory=dict)
+    bco_state: RunningMean | None = None
+    """BCO's running mean between calls (None for other losses)."""
+
+
+@dataclass(kw_only=True)
+class StepOutput:
+    """What one step computed. Tensors are detached device scalars (no sync yet)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    pairs: int
+    tokens: int
+    """Real (non-padding) tokens of the micro-batches."""
+    micro_batches: list[list[str]]
+    """Example ids of each micro-batch (to name the offenders of a non-finite loss)."""
+    micro_losses: list[torch.Tensor]
+
+
+def batch_loss(
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    reference: ReferenceCache | None,
+    settings: LossSettings,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean loss over the pairs of one packed micro-batch (on the model's device) + metrics."""
+    out = sequence_logps(model, batch)
+    ref_chosen = ref_rejected = None
+    if reference is not None:
+        ref = reference.for_batch(batch)
+        ref_chosen, ref_rejected = ref.chosen, ref.rejected
+    params = dict(settings.params)
+    if settings.bco_state is not None:
+        params["bco_state"] = settings.bco_state
+    loss, metrics = preference_loss(
+        out.chosen,
+        out.rejected,
+        ref_chosen,
+        ref_rejected,
+        loss=settings.loss,
+        beta=settings.beta,
+        chosen_lengths=out.chosen_lengths,
+        rejected_lengths=out.rejected_lengths,
+        **params,
+    )
+    if "bco/reward_mean" in metrics:
+        settings.bco_state = RunningMean.from_metrics(metrics)
+    return loss, metrics
+
+
+def train_step(
+    model: torch.nn.Module,
+    batches: Iterable[PackedBatch],
+    *,
+    step_pairs: int,
+    reference: ReferenceCache | None,
+    settings: LossSettings,
+    device: torch.device,
+    autocast,
+) -> StepOutput:
+    """Forward + backward of every micro-batch; gradients accumulate in `.grad`.
+
+    `step_pairs` is the number of pairs of the whole (global) step: each micro-batch's loss is
+    scaled by its pairs / step_pairs. `autocast` is a context-manager factory (precision).
+    """
+    total = torch.zeros((), device=device)
+    sums: dict[str, torch.Tensor] = {}
+    pairs = tokens = 0
+    ids: list[list[str]] = []
+    micro_losses = []
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True)
+        share = batch.num_examples / step_pairs
+        with autocast():
+            loss, metrics = batch_loss(model, batch, reference, settings)
+        (loss * share).backward()
+        total += loss.detach() * share
+        _accumulate(sums, metrics, share)
+        pairs += batch.num_examples
+        tokens += batch.num_tokens
+        ids.append(batch.example_ids)
+        micro_losses.append(loss.detach())
+    return StepOutput(
+        loss=total,
+        metrics=sums,
+        pairs=pairs,
+        tokens=tokens,
+        micro_batches=ids,
+        micro_losses=micro_losses,
+    )
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: torch.nn.Module,
+    batches: Iterable[PackedBatch],
+    *,
+    reference: ReferenceCache | None,
+    settings: LossSettings,
+    device: torch.device,
+    autocast,
+) -> dict[str, float]:
+    """Pair-weighted means of the loss and metrics over held-out batches, as `eval/` names."""
+    batches = list(batches)
+    total_pairs = sum(b.num_examples for b in batches)
+    if total_pairs == 0:
+        return {}
+    eval_settings = LossSettings(
+        loss=settings.loss,
+        beta=settings.beta,
+        params=settings.params,
+        bco_state=settings.bco_state,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        total = torch.zeros((), device=device)
+        sums: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            batch = batch.to(device, non_blocking=True)
+            share = batch.num_examples / total_pairs
+            with autocast():
+                loss, metrics = batch_loss(model, batch, reference, eval_settings)
+            total += loss.detach() * share
+            _accumulate(sums, metrics, share)
+    finally:
+        model.train(was_training)
+    values = {"loss": total, **sums}
+    return {f"eval/{k}": float(v) for k, v in values.items() if k not in _STATE_METRICS}
+
+
+def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], share: float):
+    for key, value in metrics.items():
+        value = value.detach().float()
+        if key in _STATE_METRICS:
+            sums[key] = value
+        else:
+            sums[key] = sums[key] + value * share if key in sums else value * share

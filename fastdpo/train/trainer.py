@@ -1,0 +1,449 @@
+"""`Trainer`: a DPO run from a `TrainConfig`, read top to bottom as the steps it performs.
+
+    trainer = Trainer(TrainConfig.from_yaml("dpo.yaml"))
+    result = trainer.train()       # checkpoints, metrics.jsonl, curves.png, final/
+
+Set-up order keeps one model in memory at a time: tokenizer and data first, then the
+reference cache (the reference model is loaded for the pass and freed), then the policy and
+its optimizer. Each step: the step's pairs (a pure function of seed and epoch) packed into
+micro-batches, forward + backward of each (`step.train_step`), gradient clipping, a finiteness
+check (the one host sync per step), AdamW, the schedule. SIGINT / SIGTERM finish the current
+step, save a checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdpo.train.checkpoint import (
+    TrainerState,
+    checkpoint_dirs,
+    load_training_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from fastdpo.train.config import ConfigError, TrainConfig
+from fastdpo.train.data import (
+    StepPlan,
+    eval_batches,
+    load_run_data,
+    micro_batches,
+    rank_share,
+    total_steps,
+)
+from fastdpo.train.metrics_log import MetricsLog
+from fastdpo.train.model_setup import (
+    autocast_context,
+    count_parameters,
+    load_causal_lm,
+    load_policy,
+    reference_dtype,
+    resolve_device,
+)
+from fastdpo.train.optim import build_optimizer, build_scheduler
+from fastdpo.train.reference_cache import prepare_reference
+from fastdpo.train.step import LossSettings, evaluate_batches, train_step
+
+logger = logging.getLogger("fastdpo.train")
+
+# Dense bf16 peak FLOP/s by device-name substring, for `mfu` (datasheet numbers).
+_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step's loss or gradient norm was NaN/inf; the run stopped before applying it."""
+
+
+@dataclass(kw_only=True)
+class TrainResult:
+    """What `Trainer.train()` returns."""
+
+    global_step: int
+    final_dir: Path | None
+    """output_dir/final (None if the run was interrupted before the end)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Every row written to metrics.jsonl (training and eval), in order."""
+    interrupted: bool = False
+    """True if a signal stopped the run (a checkpoint was saved)."""
+    stop_signal: int | None = None
+    """The signal that stopped it (SIGINT, SIGTERM), if one did."""
+    last_checkpoint: Path | None = None
+
+
+class Trainer:
+    """Trains `config.model` with a preference loss; see the module docstring."""
+
+    def __init__(self, config: TrainConfig, *, rank: int = 0, world_size: int = 1):
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.output_dir = Path(config.output_dir)
+        self.is_main = rank == 0
+        self.device = resolve_device(config.device)
+        from transformers import AutoTokenizer, set_seed
+
+        set_seed(config.seed)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                config.tokenizer_path, trust_remote_code=config.trust_remote_code
+            )
+        except OSError as error:
+            key = "tokenizer" if config.tokenizer else "model"
+            raise ConfigError(
+                f"{key}: cannot load a tokenizer from {config.tokenizer_path!r}: "
+                f"{str(error).splitlines()[0]}"
+            ) from None
+        self.data = load_run_data(config, self.tokenizer)
+        self.reference = prepare_reference(
+            config,
+            self.tokenizer,
+            {"train": self.data.train, "eval": self.data.eval},
+            device=self.device,
+            load_model=self._load_reference_model,
+        )
+        self.checkpoint = (
+            resolve_checkpoint(config.resume_from_checkpoint, self.output_dir)
+            if config.resume_from_checkpoint
+            else None
+        )
+        self.model = load_policy(config, self.device, self.checkpoint)
+        trainable, total = count_parameters(self.model)
+        self.trainable_parameters = trainable
+        logger.info("policy: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
+        self.plan = StepPlan(
+            num_pairs=len(self.data.train), pairs_per_step=config.pairs_per_step, seed=config.seed
+        )
+        self.total_steps = total_steps(config, self.plan)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.state = TrainerState(total_steps=self.total_steps)
+        self.loss_settings = LossSettings(
+            loss=config.loss, beta=config.beta, params=dict(config.loss_params)
+        )
+        self._sizes = [p.num_tokens for p in self.data.train]
+        self._stop_signal: int | None = None
+        self.log = MetricsLog(self.output_dir, enabled=self.is_main, report_to=config.report_to)
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            config.save_yaml(self.output_dir / "config.yaml")
+
+    # -- set-up helpers ----------------------------------------------------------------------
+
+    def _load_reference_model(self, path: str):
+        dtype = reference_dtype(self.config, self.device)
+        return load_causal_lm(path, self.config, dtype, self.device).eval()
+
+    def _restore(self, checkpoint: Path) -> None:
+        self.state = load_training_state(
+            checkpoint, optimizer=self.optimizer, scheduler=self.scheduler
+        )
+        if self.state.total_steps != self.total_steps:
+            logger.warning(
+                "resuming a run planned for %d steps with %d steps",
+                self.state.total_steps,
+                self.total_steps,
+            )
+            self.state.total_steps = self.total_steps
+        if self.state.bco_mean is not None:
+            from fastdpo.losses import RunningMean
+
+            self.loss_settings.bco_state = RunningMean(
+                mean=torch.tensor(self.state.bco_mean, dtype=torch.float64, device=self.device),
+                count=torch.tensor(self.state.bco_count, dtype=torch.float64, device=self.device),
+            )
+        self.log.resume(self.state.global_step)
+        logger.info("resumed from %s at step %d", checkpoint, self.state.global_step)
+
+    def _autocast(self):
+        return autocast_context(self.config, self.device)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        """Run until `total_steps` (or a signal); returns where things were written."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        window: list[dict[str, Any]] = []
+        window_start = time.perf_counter()
+        window_tokens = window_pairs = window_capacity = 0
+        last_checkpoint = self.checkpoint
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.global_step,
+            disable=not (config.progress and self.is_main),
+            desc="training",
+            unit="step",
+        )
+        previous_handlers = self._install_signal_handlers()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            while self.state.global_step < self.total_steps:
+                out, capacity = self._run_step()
+                grad_norm = self._clip_gradients()
+                self._check_finite(out, grad_norm, last_checkpoint)
+                learning_rate = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.global_step += 1
+                self.state.epoch = self.state.global_step / self.plan.steps_per_epoch
+                bar.update(1)
+
+                window.append(
+                    {
+                        "loss": out.loss,
+                        "grad_norm": grad_norm,
+                        **out.metrics,
+                        "learning_rate": learning_rate,
+                    }
+                )
+                window_tokens += out.tokens
+                window_pairs += out.pairs
+                window_capacity += capacity
+                step = self.state.global_step
+                if step % config.logging_steps == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    row = self._log_row(
+                        window, elapsed, window_tokens, window_pairs, window_capacity
+                    )
+                    self.log.write(row)
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4f}",
+                        acc=f"{row.get('rewards/accuracies', float('nan')):.2f}",
+                    )
+                    window, window_tokens, window_pairs, window_capacity = [], 0, 0, 0
+                    window_start = time.perf_counter()
+                if config.eval_steps and step % config.eval_steps == 0 and step < self.total_steps:
+                    self._log_eval()
+                if self._stop_signal is not None or (
+                    config.save_steps and step % config.save_steps == 0
+                ):
+                    last_checkpoint = self._save()
+                if self._stop_signal is not None:
+                    logger.warning(
+                        "stopped by signal %d after step %d; checkpoint %s (resume with "
+                        "resume_from_checkpoint: latest)",
+                        self._stop_signal,
+                        step,
+                        last_checkpoint,
+                    )
+                    return TrainResult(
+                        global_step=step,
+                        final_dir=None,
+                        history=list(self.log.rows),
+                        interrupted=True,
+                        stop_signal=self._stop_signal,
+                        last_checkpoint=last_checkpoint,
+                    )
+        finally:
+            bar.close()
+            self._restore_signal_handlers(previous_handlers)
+        if self.data.eval:
+            self._log_eval()
+        if not (config.save_steps and self.state.global_step % config.save_steps == 0):
+            last_checkpoint = self._save()
+        final_dir = self._save_final()
+        self.log.plot()
+        self.log.close()
+        return TrainResult(
+            global_step=self.state.global_step,
+            final_dir=final_dir,
+            history=list(self.log.rows),
+            last_checkpoint=last_checkpoint,
+        )
+
+    def _run_step(self):
+        """Forward + backward of the next step; returns (StepOutput, token capacity used)."""
+        epoch, step_in_epoch = self.plan.position(self.state.global_step)
+        pairs = self.plan.step_pairs(epoch, step_in_epoch)
+        mine = rank_share(pairs, self._sizes, self.rank, self.world_size)
+        batches = list(
+            micro_batches(
+                self.data.train,
+                mine,
+                max_tokens_per_batch=self.config.max_tokens_per_batch,
+                seed=self.config.seed,
+                epoch=epoch,
+            )
+        )
+        out = train_step(
+            self.model,
+            batches,
+            step_pairs=len(pairs),
+            reference=self.reference.train,
+            settings=self.loss_settings,
+            device=self.device,
+            autocast=self._autocast,
+        )
+        return out, len(batches) * self.config.max_tokens_per_batch
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """The total gradient norm (clipped to max_grad_norm when set); a device scalar."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.config.max_grad_norm or math.inf
+        if not params:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def _check_finite(self, out, grad_norm: torch.Tensor, last_checkpoint: Path | None) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights (one host sync)."""
+        if bool(torch.isfinite(out.loss) & torch.isfinite(grad_norm)):
+            return
+        bad = [
+            ids
+            for ids, loss in zip(out.micro_batches, out.micro_losses, strict=True)
+            if not bool(torch.isfinite(loss))
+        ]
+        what = "loss" if bad else "gradient norm"
+        offenders = bad or out.micro_batches
+        listed = [i for ids in offenders for i in ids][:10]
+        checkpoint = str(last_checkpoint) if last_checkpoint else "none saved yet"
+        raise NonFiniteLossError(
+            f"step {self.state.global_step + 1}: non-finite {what} "
+            f"(loss {float(out.loss)}, grad norm {float(grad_norm)}); example ids of the "
+            f"offending micro-batch(es): {listed}; last good checkpoint: {checkpoint}. Lower "
+            "learning_rate, set max_grad_norm, or inspect those examples"
+        )
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def _log_row(self, window, elapsed, tokens, pairs, capacity) -> dict[str, Any]:
+        """Means over the logging window (one host sync here, not per step)."""
+        keys = list(dict.fromkeys(k for row in window for k in row))
+        stacked = {}
+        for key in keys:
+            values = [row[key] for row in window if key in row]
+            if isinstance(values[0], torch.Tensor):
+                stacked[key] = float(torch.stack([v.float() for v in values]).mean())
+            else:
+                stacked[key] = float(sum(values) / len(values))
+        row: dict[str, Any] = {
+            "step": self.state.global_step,
+            "epoch": round(self.state.epoch, 4),
+            **stacked,
+            "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
+            "pairs_per_second": pairs / elapsed if elapsed > 0 else None,
+            "packing_efficiency": tokens / capacity if capacity else None,
+            "peak_memory_mb": self._peak_memory_mb(),
+        }
+        if self.device.type == "cuda":
+            row["mfu"] = self._mfu(tokens, elapsed)
+        return row
+
+    def _peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+    def _mfu(self, tokens: int, elapsed: float) -> float | None:
+        """Model FLOPs utilization: 6 x parameters x tokens / time / the device's bf16 peak."""
+        name = torch.cuda.get_device_name(self.device)
+        peak = next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+        if peak is None or elapsed <= 0:
+            return None
+        _, params = count_parameters(self.model)
+        return 6 * params * tokens / elapsed / peak
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and reward metrics on the held-out pairs (`eval/` names); {} without them."""
+        if not self.data.eval:
+            return {}
+        batches = eval_batches(
+            self.data.eval, max_tokens_per_batch=self.config.max_tokens_per_batch
+        )
+        return evaluate_batches(
+            self.model,
+            batches,
+            reference=self.reference.eval,
+            settings=self.loss_settings,
+            device=self.device,
+            autocast=self._autocast,
+        )
+
+    def _log_eval(self) -> None:
+        metrics = self.evaluate()
+        if metrics:
+            self.log.write(
+                {"step": self.state.global_step, "epoch": round(self.state.epoch, 4), **metrics}
+            )
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def _save(self) -> Path | None:
+        if not self.is_main:
+            return None
+        state = self.loss_settings.bco_state
+        if state is not None:
+            self.state.bco_mean, self.state.bco_count = float(state.mean), float(state.count)
+        return save_checkpoint(
+            self.output_dir,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state=self.state,
+            config_yaml=(self.output_dir / "config.yaml").read_text(),
+            save_total_limit=self.config.save_total_limit,
+        )
+
+    def _save_final(self) -> Path | None:
+        """output_dir/final: the model (LoRA: the adapter; merged on request) and tokenizer."""
+        if not self.is_main:
+            return None
+        final = self.output_dir / "final"
+        tmp = self.output_dir / ".tmp-final"
+        import shutil
+
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        if self.config.lora_r and self.config.save_merged:
+            merged = self.model.merge_and_unload()
+            merged.save_pretrained(tmp / "merged", safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "merged")
+            self.model = merged
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        logger.info("final model written to %s", final)
+        return final
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request_stop(signum, frame):
+            if self._stop_signal is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            logger.warning("signal %d: finishing this step, then saving a checkpoint", signum)
+
+        return {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        if previous:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest finished checkpoint of a run, or None."""
+    found = checkpoint_dirs(output_dir)
+    return found[-1] if found else None
