@@ -172,10 +172,12 @@ def _linear_logprobs_fwd_kernel(
             stride_hn, stride_hh, stride_wv, stride_wh, softcap, inv_temperature,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
         )  # fmt: skip
-        # Every tile holds at least one real column, so the new max is finite.
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
-            tl.exp(z - new_max[:, None]), axis=1
+        # A row whose logits so far are all -inf (a -inf bias masking whole tiles) shifts by 0,
+        # not by -inf: exp(-inf - -inf) would be NaN and poison the row's sum for good.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(
+            tl.exp(z - shift[:, None]), axis=1
         )
         running_max = new_max
         is_target = offs_v[None, :] == targets[:, None]
