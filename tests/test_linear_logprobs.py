@@ -339,6 +339,90 @@ def test_no_rows(impl):
     assert torch.equal(bias.grad, torch.zeros_like(bias))
 
 
+def _record_rows(monkeypatch) -> list[tuple[str, int]]:
+    """Wraps the impls so that every forward / backward call records how many rows it got."""
+    seen: list[tuple[str, int]] = []
+    implementation = op_module._implementation
+
+    def recording(options):
+        forward, backward = implementation(options)
+
+        def counted(name, fn):
+            def call(hidden, *args, **kwargs):
+                seen.append((name, hidden.shape[0]))
+                return fn(hidden, *args, **kwargs)
+
+            return call
+
+        return counted("forward", forward), counted("backward", backward)
+
+    monkeypatch.setattr(op_module, "_implementation", recording)
+    return seen
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_ignored_rows_are_dropped_before_the_head(impl, monkeypatch):
+    """[B, T] labels whose prompt third is ignore_index: the impl computes only the kept rows
+    (no matmul work for the others), bitwise as the op on those rows alone would; the values
+    and gradients equal the path that ran every row and masked the ignored ones (the op before
+    rows were dropped); dropped rows give 0 and exactly zero gradient."""
+    case = Case(24, 16, 90, bias=True, softcap=4.0, lse_grad=True)
+    hidden, weight, bias, targets, grad_logp, grad_lse = make_inputs(case, torch.float32)
+    targets = targets.view(4, 6)
+    targets[:, :2] = IGNORE
+    kept = targets.reshape(-1) != IGNORE
+    options = {"bias": bias, "softcap": 4.0, "ignore_index": IGNORE, "impl": impl}
+
+    def values_and_grads(call, rows=slice(None)):
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        logp, lse = call(*leaves)
+        loss = (logp.reshape(-1) * grad_logp[rows]).sum() + (lse.reshape(-1) * grad_lse[rows]).sum()
+        return (
+            logp.detach().reshape(-1),
+            lse.detach().reshape(-1),
+            torch.autograd.grad(loss, leaves),
+        )
+
+    seen = _record_rows(monkeypatch)
+    logp, lse, (d_hidden, d_weight, d_bias) = values_and_grads(
+        lambda h, w, b: linear_logprobs(
+            h.view(4, 6, 16), w, targets, **dict(options, bias=b), return_lse=True
+        )
+    )
+    assert seen == [("forward", int(kept.sum())), ("backward", int(kept.sum()))]
+
+    # The op on the kept rows alone: the same numbers, bit for bit.
+    alone = values_and_grads(
+        lambda h, w, b: linear_logprobs(
+            h[kept], w, targets.reshape(-1)[kept], **dict(options, bias=b), return_lse=True
+        ),
+        rows=kept,
+    )
+    assert torch.equal(logp[kept], alone[0]) and torch.equal(lse[kept], alone[1])
+    assert torch.equal(d_hidden[kept], alone[2][0][kept])
+    assert seen[2:] == [("forward", int(kept.sum())), ("backward", int(kept.sum()))]
+    assert torch.equal(d_weight, alone[2][1]) and torch.equal(d_bias, alone[2][2])
+
+    # Dropped rows: zeros, and exactly zero gradient.
+    zeros = torch.zeros(int((~kept).sum()))
+    assert torch.equal(logp[~kept], zeros) and torch.equal(lse[~kept], zeros)
+    assert torch.equal(d_hidden[~kept], torch.zeros(len(zeros), 16))
+
+    # Every row through the autograd Function, ignored ones masked inside: the same results.
+    op = op_module.LinearLogprobsOptions(softcap=4.0, ignore_index=IGNORE, impl=impl)
+    every_row = values_and_grads(
+        lambda h, w, b: op_module.LinearLogprobsFunction.apply(h, w, b, targets.reshape(-1), op)
+    )
+    assert seen[4:] == [("forward", 24), ("backward", 24)]
+    for name, ours, theirs in zip(
+        ("logp", "lse", "dH", "dW", "db"),
+        (logp, lse, d_hidden, d_weight, d_bias),
+        (*every_row[:2], *every_row[2]),
+        strict=True,
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_leading_dims_and_int32_targets():
     case = Case(12, 16, 50, softcap=4.0)
     hidden, weight, _, targets, _, _ = make_inputs(case, torch.float32)

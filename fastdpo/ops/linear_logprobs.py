@@ -570,8 +570,17 @@ def linear_logprobs(
     Returns:
         logp: [...] fp32; with `return_lse`, also lse: [...] fp32.
 
-    Target ids outside [0, V) are checked on the device (no host sync on accelerators: a CUDA
-    error surfaces at the next sync); `check_targets` gives a precise message where data is built.
+    Ignored rows cost no matmul work: they are dropped before the head (an index_select of the
+    other rows, as cut-cross-entropy does) and their zeros scattered back, so `[B, T]` labels
+    with the prompt marked `ignore_index` may be passed whole. Counting the kept rows is one
+    host sync on accelerators. Target ids outside [0, V) are checked on the device (no further
+    sync: a CUDA error surfaces at the next one); `check_targets` gives a precise message where
+    data is built.
+
+    A target whose final logit is -inf (a -inf bias masking that token, without soft-capping)
+    has log-prob -inf, and the limit gradient that PyTorch's log_softmax also gives: dL/dz =
+    g * ([v == t] - softmax(z)), finite (the target column gets g). A row whose every logit is
+    -inf has no softmax: its log-prob and gradients are NaN.
     """
     _validate(hidden, weight, targets, bias, softcap, temperature)
     resolved = _resolve_impl(impl, hidden.device)
@@ -593,10 +602,27 @@ def linear_logprobs(
         logits_block_bytes=LOGITS_BLOCK_BYTES,  # read at call time so it can be tuned per process
     )
     lead_shape = targets.shape
-    logp, lse = LinearLogprobsFunction.apply(
-        hidden.reshape(-1, width), weight, bias, targets.reshape(-1), options
-    )
+    flat_hidden, flat_targets = hidden.reshape(-1, width), targets.reshape(-1)
+    kept = _kept_rows(flat_targets, ignore_index)
+    if kept is not None:  # no matmul work for ignored rows: run on the others, scatter back
+        flat_hidden = flat_hidden.index_select(0, kept)
+        flat_targets = flat_targets.index_select(0, kept)
+    logp, lse = LinearLogprobsFunction.apply(flat_hidden, weight, bias, flat_targets, options)
+    if kept is not None:
+        logp, lse = (_scatter_rows(values, kept, targets.numel()) for values in (logp, lse))
     logp = logp.reshape(lead_shape)
     if return_lse:
         return logp, lse.reshape(lead_shape)
     return logp
+
+
+def _kept_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices [K] int64 of the rows whose target is not `ignore_index`, or None if that is all
+    of them (nothing to drop). Synchronizes with the device: K sizes the work."""
+    kept = (targets != ignore_index).nonzero().squeeze(1)
+    return None if kept.numel() == targets.numel() else kept
+
+
+def _scatter_rows(values: torch.Tensor, kept: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows] fp32: `values` [K] at the `kept` rows, 0 elsewhere (differentiable in `values`)."""
+    return values.new_zeros(rows).index_copy(0, kept, values)
