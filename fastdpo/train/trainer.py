@@ -332,7 +332,7 @@ class Trainer:
                 stacked[key] = float(sum(values) / len(values))
         row: dict[str, Any] = {
             "step": self.state.global_step,
-            "epoch": round(self.state.epoch, 4),
+            "epoch": self.state.epoch,
             **stacked,
             "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
             "pairs_per_second": pairs / elapsed if elapsed > 0 else None,
@@ -376,9 +376,7 @@ class Trainer:
     def _log_eval(self) -> None:
         metrics = self.evaluate()
         if metrics:
-            self.log.write(
-                {"step": self.state.global_step, "epoch": round(self.state.epoch, 4), **metrics}
-            )
+            self.log.write({"step": self.state.global_step, "epoch": self.state.epoch, **metrics})
 
     # -- saving ------------------------------------------------------------------------------
 
