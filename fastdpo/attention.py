@@ -29,6 +29,18 @@ passes along. "sdpa" loops over the sequences (one device sync per batch to read
 on accelerators): it is the portable fallback (CPU, tests), not the fast path on GPUs.
 
 Attention dropout is supported by "flash" and "sdpa" only; other backends refuse it.
+
+Unpacked calls keep working on a switched model. `use_packed_attention` remembers, on each
+module whose config it switches, the implementation the model had ("eager", "sdpa", ...). A
+call without cu_seqlens (`model(input_ids, attention_mask=...)`, `model.generate(...)`) runs
+that implementation's own attention function with the mask its own mask function makes, so its
+logits are those of an untouched copy. The mask is made lazily: fastdpo's names are registered
+with transformers' `AttentionMaskInterface` too, with a function that only records the mask
+arguments (`DeferredMask`); the packed path ignores the record and so never builds a [T, T]
+mask, the unpacked path builds the original mask from it once per forward and mask kind. The
+registration costs packed calls what transformers does before any mask function runs: a check
+of `position_ids` for packed sequences, one device sync per mask kind and forward on
+accelerators.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import importlib.util
 import inspect
 import itertools
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -543,6 +556,124 @@ def varlen_attention(
 
 
 # ------------------------------------------------------------------------------------------------
+# Unpacked calls: the implementation the model had, with its own masks
+
+UNPACKED_ATTRIBUTE = "_fastdpo_unpacked_attention"
+"""Attribute under which `use_packed_attention` stores, on each module whose config it switched,
+the attn implementation that module's calls without cu_seqlens run. A plain module attribute,
+not a config field: it is copied with the model (deepcopy) but never saved into config.json nor
+into a reference-cache fingerprint."""
+
+DEFAULT_UNPACKED = "sdpa"
+"""What unpacked calls run on a module with no remembered implementation (a model created with
+a fastdpo attn_implementation from the start): transformers' own default."""
+
+
+class DeferredMask:
+    """A mask transformers asked for, not built yet: the arguments of its mask-function call.
+
+    transformers makes one mask per forward and mask kind (full, sliding window) before the
+    decoder layers run, and cannot know whether the call is packed. Building the original
+    implementation's mask there would cost a packed call a [T, T] mask it never uses (1 GiB in
+    fp32 at T = 16384 for "eager"), so fastdpo's mask function returns this record instead and
+    the attention function decides: packed calls drop it, unpacked calls `build` it.
+    """
+
+    # transformers' generate with a compileable (static) cache makes masks ahead of the forward
+    # and passes them back in as attention_mask; it reads `ndim` to tell a 2-D padding mask
+    # from a prepared one, which this stands for.
+    ndim = 4
+
+    def __init__(self, arguments: dict[str, Any]):
+        # Tensors are copied as they are now: a static cache's query offset is a tensor that
+        # the first layer's cache update advances in place before the mask is built (seen:
+        # greedy tokens of a Llama off by one slot from the 4th step). None in packed calls.
+        self.arguments = {
+            name: value.clone() if isinstance(value, torch.Tensor) else value
+            for name, value in arguments.items()
+        }
+        """Keyword arguments of the mask-function call (batch size, lengths, offsets,
+        mask_function, the 2-D padding mask or None, dtype, device, ...)."""
+        self._built: dict[str, Any] = {}
+
+    @property
+    def padding_mask(self) -> torch.Tensor | None:
+        """The caller's 2-D attention mask ([B, kv_length]), or None if it gave none."""
+        return self.arguments.get("attention_mask")
+
+    def build(self, implementation: str) -> Any:
+        """The mask `implementation`'s own mask function makes from these arguments (None, a
+        tensor or a BlockMask): exactly what an untouched model would pass its layers. Built
+        once per implementation, then shared by the layers of the forward."""
+        if implementation not in self._built:
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+            if implementation in ALL_MASK_ATTENTION_FUNCTIONS:
+                mask_function = ALL_MASK_ATTENTION_FUNCTIONS[implementation]
+                self._built[implementation] = mask_function(**self.arguments)
+            else:
+                # transformers gives implementations without a mask function (kernels that
+                # take none, e.g. paged attention) no mask at all.
+                self._built[implementation] = None
+        return self._built[implementation]
+
+
+def _deferred_mask(**arguments: Any) -> DeferredMask:
+    """The mask function registered for fastdpo's names (see `DeferredMask`)."""
+    padding = arguments.get("attention_mask")
+    if isinstance(padding, DeferredMask):  # a mask made ahead of the forward (static cache)
+        return padding
+    return DeferredMask(arguments)
+
+
+def unpacked_implementation(module: torch.nn.Module) -> str:
+    """The attn implementation `module` runs for calls without cu_seqlens."""
+    return getattr(module, UNPACKED_ATTRIBUTE, DEFAULT_UNPACKED)
+
+
+def _unpacked_attention_function(module: torch.nn.Module, implementation: str) -> Callable:
+    if implementation == "eager":
+        # Each modeling file has its own eager function (Gemma 2's soft-caps scores), and the
+        # model's layers call the one of the file that defines them.
+        for cls in type(module).__mro__:
+            function = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+            if function is not None:
+                return function
+        raise RuntimeError(
+            f"{_layer_name(module)}: its model had attn_implementation 'eager' before fastdpo "
+            "switched it to packed attention, but its modeling module has no "
+            "eager_attention_forward to run unpacked calls with; call "
+            "model.set_attn_implementation('sdpa') before unpacked calls"
+        )
+    from transformers import AttentionInterface
+
+    interface = AttentionInterface()
+    if implementation not in interface:
+        raise RuntimeError(
+            f"{_layer_name(module)}: the attn implementation it had before fastdpo switched it "
+            f"to packed attention, {implementation!r}, is not registered with transformers; "
+            "call model.set_attn_implementation('sdpa') before unpacked calls"
+        )
+    return interface[implementation]
+
+
+def _unpacked_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A call without cu_seqlens: the module's remembered implementation, with its own mask."""
+    implementation = unpacked_implementation(module)
+    if isinstance(attention_mask, DeferredMask):
+        attention_mask = attention_mask.build(implementation)
+    function = _unpacked_attention_function(module, implementation)
+    return function(module, query, key, value, attention_mask, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
 # The transformers-facing attention function
 
 
@@ -555,7 +686,28 @@ def _hf_attention_forward(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    attention_mask: Any,
+    *,
+    backend: str,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers attention-function signature. Packed calls (cu_seqlens given): q
+    [1, Hq, T, D], k/v [1, Hkv, T, D] -> ([1, T, Hq, D], None). Other calls run the
+    implementation the model had before the switch, with its signature and result."""
+    if kwargs.get(STATE_KWARG) is None and kwargs.get("cu_seq_lens_q") is None:
+        kwargs.pop(STATE_KWARG, None)
+        return _unpacked_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return _packed_attention_forward(
+        module, query, key, value, attention_mask, backend=backend, **kwargs
+    )
+
+
+def _packed_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
     *,
     backend: str,
     dropout: float = 0.0,
@@ -565,18 +717,8 @@ def _hf_attention_forward(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention-function signature: q [1, Hq, T, D], k/v [1, Hkv, T, D] ->
-    ([1, T, Hq, D], None)."""
     state = kwargs.get(STATE_KWARG)
     cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if state is None and cu_seqlens is None:
-        raise RuntimeError(
-            f"{_layer_name(module)}: the model's attn_implementation is "
-            f"{attention_name(backend)!r}, which runs packed batches only and got no cu_seqlens. "
-            "Call it through fastdpo.sequence_logps (or pass "
-            "fastdpo.attention.packed_attention_kwargs(...)), or switch back with "
-            "model.set_attn_implementation('sdpa') for ordinary padded batches."
-        )
     if state is None:
         # cu_seqlens from another caller (e.g. transformers' flattening collator): check them
         # here (device syncs), and accept that masks are rebuilt in every layer.
@@ -598,6 +740,10 @@ def _hf_attention_forward(
             f"{_layer_name(module)}: cu_seq_lens_q is not the cu_seqlens of the packed state: "
             "build both with fastdpo.attention.packed_attention_kwargs"
         )
+    if isinstance(attention_mask, DeferredMask):
+        # Made for every call (transformers cannot tell packed ones apart); only a padding
+        # mask the caller passed makes it a mask.
+        attention_mask = attention_mask.padding_mask
     if attention_mask is not None:
         raise ValueError(
             f"{_layer_name(module)}: got an attention mask with packed attention; packed batches "
@@ -635,32 +781,41 @@ def _hf_attention_forward(
 
 
 _REGISTERED: set[str] = set()
-"""Names this process has registered with transformers' AttentionInterface."""
+"""Names this process has registered with transformers' attention and mask interfaces."""
 
 
 def register_attention(backend: str = "auto") -> str:
     """Register the packed attention function for `backend` with transformers; return its name.
 
-    Idempotent. Registration is by name in transformers' `AttentionInterface` (nothing of
-    transformers is patched); a model uses it only once its attn implementation is set to it.
+    Idempotent. Registration is by name in transformers' `AttentionInterface` (and, for the
+    deferred masks of unpacked calls, `AttentionMaskInterface`); nothing of transformers is
+    patched, and a model uses it only once its attn implementation is set to it.
     """
     name = attention_name(backend)
     if name not in _REGISTERED:
         from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
 
         function = functools.partial(_hf_attention_forward, backend=backend)
         functools.update_wrapper(function, _hf_attention_forward)
         AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, _deferred_mask)
         _REGISTERED.add(name)
     return name
+
+
+def _attn_implementation_of(module: torch.nn.Module) -> str | None:
+    return getattr(getattr(module, "config", None), "_attn_implementation", None)
 
 
 def use_packed_attention(model: torch.nn.Module, backend: str = "auto") -> str:
     """Set this model instance's attention to fastdpo's packed attention; return the name.
 
-    Only this instance (its config) changes. Afterwards its forward needs cu_seqlens (see
-    `packed_attention_kwargs`); `model.set_attn_implementation("sdpa")` switches it back for
-    ordinary padded batches (e.g. generation).
+    Only this instance (its config) changes. Calls with cu_seqlens (see
+    `packed_attention_kwargs`) run packed; calls without (padded batches, generation) run the
+    implementation the model had before, remembered here on each switched module (see
+    `UNPACKED_ATTRIBUTE`), with its own masks and results. `model.set_attn_implementation(...)`
+    switches back for good.
     """
     name = register_attention(backend)
     if getattr(model.config, "_attn_implementation", None) == name:
@@ -670,6 +825,7 @@ def use_packed_attention(model: torch.nn.Module, backend: str = "auto") -> str:
             f"{type(model).__name__} has no set_attn_implementation: pass a transformers "
             "PreTrainedModel (transformers >= 4.56)"
         )
+    before = {module: _attn_implementation_of(module) for module in model.modules()}
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
         raise RuntimeError(
@@ -677,5 +833,10 @@ def use_packed_attention(model: torch.nn.Module, backend: str = "auto") -> str:
             f"{model.config._attn_implementation!r}): the model does not dispatch attention "
             "through transformers' AttentionInterface, so it cannot run packed batches"
         )
+    for module, previous in before.items():
+        # A module switched from one fastdpo backend to another keeps what it had before the
+        # first switch; one that had no implementation set runs DEFAULT_UNPACKED.
+        if _attn_implementation_of(module) == name and previous and backend_of(previous) is None:
+            setattr(module, UNPACKED_ATTRIBUTE, previous)
     logger.info("%s: attention set to %r", type(model).__name__, name)
     return name

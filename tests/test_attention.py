@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 import transformers
+from transformers.models.llama.modeling_llama import LlamaAttention
 
 from fastdpo import attention as packed
 from fastdpo.attention import (
@@ -317,12 +318,17 @@ def test_transformers_style_cu_seqlens_without_state():
     torch.testing.assert_close(plain.logits, with_state.logits, rtol=0, atol=0)
 
 
-def test_unpacked_call_after_switch_explains():
-    model = tiny_model("llama")
-    use_packed_attention(model)
-    with pytest.raises(RuntimeError, match="set_attn_implementation"):
-        model(torch.tensor([[3, 4, 5]]))
-    model.set_attn_implementation("sdpa")  # and back again works
+def test_switch_remembers_the_implementation_it_replaced():
+    """What unpacked calls run afterwards (tests/test_attention_fallback.py checks they do)."""
+    model = tiny_model("llama", attn_implementation="sdpa")
+    use_packed_attention(model, "sdpa")
+    use_packed_attention(model, "auto")  # from one fastdpo backend to another: still "sdpa"
+    layers = [m for m in model.modules() if isinstance(m, LlamaAttention)]
+    assert len(layers) == 2
+    assert {packed.unpacked_implementation(m) for m in layers} == {"sdpa"}
+    # Remembered on the modules, not in the config: never saved, never fingerprinted.
+    assert "fastdpo" not in model.config.to_json_string()
+    model.set_attn_implementation("eager")  # switching back for good still works
     assert model(torch.tensor([[3, 4, 5]])).logits.shape == (1, 3, 96)
 
 
