@@ -4,7 +4,8 @@ The examples are sorted by id and cut into shards of `examples_per_shard` exampl
 depends only on the data, never on the number of processes, so a two-rank build writes the same
 shards as a one-rank build. Under `torch.distributed` rank r computes shards r, r + W, ...;
 rank 0 writes the manifest once every shard has its record. A restarted build keeps every
-shard whose record matches the plan and whose bytes match the record, and computes the rest.
+shard whose record names this build (fingerprint and plan) and whose bytes match the record and
+hold the planned examples, and computes the rest.
 
 Inside a shard the examples are packed into token-budget micro-batches (both sequences of a
 pair together) and run through `sequence_logps` under `torch.inference_mode`: no logits, no
@@ -34,6 +35,7 @@ from fastdpo.reference_fingerprint import Fingerprint, compute_fingerprint, exam
 from fastdpo.reference_shards import (
     ReferenceCacheError,
     ShardRecord,
+    build_digest,
     finalize_manifest,
     prepare_folder,
     shard_content_digest,
@@ -102,6 +104,7 @@ def build_cache(
         "per_token": options.per_token,
         "shard_contents": [shard_content_digest(digests[a:b]) for a, b in shard_ranges],
     }
+    build = build_digest(fingerprint, plan)
     rank, world = _rank_and_world()
     _check_ranks_agree(fingerprint, plan, world)
 
@@ -118,7 +121,7 @@ def build_cache(
 
     num_shards = len(shard_ranges)
     mine = [i for i in range(num_shards) if i % world == rank]
-    todo = [i for i in mine if not shard_is_done(out_dir, i, num_shards, plan)]
+    todo = [i for i in mine if not shard_is_done(out_dir, i, num_shards, plan, build)]
     logger.info(
         "rank %d: %d of its %d shards already done, %d to compute",
         rank,
@@ -160,6 +163,7 @@ def build_cache(
                 example_ids=[p.example_id for p in ordered[a:b]],
                 columns=columns,
                 content=plan["shard_contents"][i],
+                build=build,
             )
             bar.set_postfix(shards=f"{done}/{len(todo)}")
             if options.on_shard_written is not None:

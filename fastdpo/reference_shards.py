@@ -9,11 +9,13 @@ Layout of a cache folder:
 
 Every file is written to a temporary name in the same folder and renamed, so a reader (or a
 resumed build) sees a whole file or none. A shard's record, written after the shard, holds its
-size and sha256; a shard without a record, or whose bytes do not match it, is never read as data.
+size, sha256, planned examples and the build it belongs to; a shard without a record, or whose
+bytes do not match it, is never read as data.
 
 Through a build: `prepare_folder` (rank 0) writes the plan, or finds the cache complete, or
 turns a damaged finished cache back into an unfinished build; `shard_is_done` tells a resumed
-build which shards it keeps; `finalize_manifest` writes the manifest and removes the plan and
+build which shards it keeps (their record names this build, their bytes match the record and
+hold the planned examples); `finalize_manifest` writes the manifest and removes the plan and
 the records.
 
 Tensors of one shard of N examples (K stored per-token log-probs):
@@ -91,6 +93,8 @@ class ShardRecord:
     sha256: str
     content: str
     """`shard_content_digest` of the examples the shard was planned to hold."""
+    build: str = ""
+    """`build_digest` of the build that wrote it ("" in records written before it existed)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,6 +115,15 @@ def record_path(out_dir: Path, index: int, num_shards: int) -> Path:
 def shard_content_digest(example_digests: list[tuple[str, int]]) -> str:
     """sha256 (hex) of a shard's (example id, example digest) list, in row order."""
     return hashlib.sha256(json.dumps(example_digests).encode()).hexdigest()
+
+
+def build_digest(fingerprint: Fingerprint, plan: dict[str, Any]) -> str:
+    """sha256 (hex) of a build's format version, fingerprint and plan: a shard record carries it,
+    so a resumed build keeps only shards written for the same inputs and the same plan, even when
+    the build-plan.json that guards the folder is gone (deleted, or an overwrite killed half-way
+    left another build's shards behind)."""
+    payload = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint.to_json(), "plan": plan}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -158,6 +171,7 @@ def write_shard(
     example_ids: list[str],
     columns: Mapping[str, torch.Tensor],
     content: str,
+    build: str,
 ) -> ShardRecord:
     """Write one shard and then its record (each atomically); return the record."""
     expected = set(SUMMARY_COLUMNS) | ({*TOKEN_COLUMNS} if "token_logps" in columns else set())
@@ -178,6 +192,7 @@ def write_shard(
         bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         content=content,
+        build=build,
     )
     write_json_atomic(record_path(out_dir, index, num_shards), record.to_json())
     return record
@@ -324,9 +339,15 @@ def _mismatch_message(
     )
 
 
-def shard_is_done(out_dir: Path, index: int, num_shards: int, plan: dict[str, Any]) -> bool:
-    """Whether shard `index` of a resumed build can be kept: its record matches the plan and
-    its bytes match the record (full checksum). Logs why not."""
+def shard_is_done(
+    out_dir: Path, index: int, num_shards: int, plan: dict[str, Any], build: str
+) -> bool:
+    """Whether shard `index` of a resumed build (`build`: its `build_digest`) can be kept.
+
+    Nothing in the folder is taken on trust: the record must name this build and this shard's
+    file and planned examples, the bytes must match the record (full checksum), and the
+    examples stored in the shard must be the planned ones. Logs why a shard is recomputed.
+    """
     path = record_path(out_dir, index, num_shards)
     if not path.exists():
         return False
@@ -335,14 +356,33 @@ def shard_is_done(out_dir: Path, index: int, num_shards: int, plan: dict[str, An
     except (ReferenceCacheError, TypeError) as e:
         logger.warning("recomputing shard %d: unreadable record %s (%s)", index, path, e)
         return False
-    if record.content != plan["shard_contents"][index]:
-        logger.warning("recomputing shard %d: its record is for other examples", index)
-        return False
-    problem = shard_problem(out_dir, record)
+    planned = plan["shard_contents"][index]
+    if record.build != build:
+        problem = "its record is from another build (other inputs or shard plan)"
+    elif record.file != shard_name(index, num_shards) or record.content != planned:
+        problem = "its record is for other examples"
+    else:
+        problem = shard_problem(out_dir, record) or _stored_examples_problem(
+            out_dir, record, planned
+        )
     if problem is not None:
         logger.warning("recomputing shard %d: %s", index, problem)
         return False
     return True
+
+
+def _stored_examples_problem(out_dir: Path, record: ShardRecord, planned: str) -> str | None:
+    """Why the examples stored in a shard are not the `planned` ones (ids and digests), or None."""
+    try:
+        example_ids, columns = read_shard(out_dir / record.file, with_tokens=False)
+    except Exception as e:  # any unreadable shard is recomputed, whatever the library raises
+        return f"{record.file} is unreadable ({type(e).__name__}: {e})"
+    digests = columns["example_digests"].tolist()
+    if len(digests) != len(example_ids):
+        return f"{record.file} holds {len(example_ids)} ids for {len(digests)} rows"
+    if shard_content_digest(list(zip(example_ids, digests, strict=True))) != planned:
+        return f"{record.file} holds other examples than planned"
+    return None
 
 
 def finalize_manifest(
@@ -353,6 +393,7 @@ def finalize_manifest(
     build_info: dict[str, Any],
 ) -> None:
     """Rank 0, after every rank finished: check every record and write the manifest."""
+    build = build_digest(fingerprint, plan)
     records = []
     for i in range(num_shards):
         path = record_path(out_dir, i, num_shards)
@@ -364,8 +405,12 @@ def finalize_manifest(
         record = ShardRecord.from_json(read_json(path))
         # The writer hashed the bytes it wrote; here only the size is re-checked (cheap).
         problem = shard_problem(out_dir, record, checksum=False)
-        if problem is not None or record.content != plan["shard_contents"][i]:
-            raise ReferenceCacheError(f"shard {i}: {problem or 'record is for other examples'}")
+        if problem is None and record.build != build:
+            problem = "record is from another build (other inputs or shard plan)"
+        if problem is None and record.content != plan["shard_contents"][i]:
+            problem = "record is for other examples"
+        if problem is not None:
+            raise ReferenceCacheError(f"shard {i}: {problem}")
         records.append(record)
     manifest = {
         "format": FORMAT_NAME,

@@ -32,7 +32,7 @@ from fastdpo.reference import (
     expected_fields,
 )
 from fastdpo.reference_fingerprint import weights_digest
-from fastdpo.reference_shards import MANIFEST_NAME, PLAN_NAME
+from fastdpo.reference_shards import MANIFEST_NAME, PLAN_NAME, file_sha256
 from fastdpo.testing.models import tiny_model
 from fastdpo.testing.tokenizer import build_tiny_tokenizer
 
@@ -403,6 +403,77 @@ def test_killed_build_resumes_with_identical_contents(cache, model, pairs, tmp_p
     assert manifest["shards"] == cache.manifest["shards"]  # same bytes, same checksums
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "shards"]
     assert len(list((out / "shards").iterdir())) == 5  # no records or temporary files left
+
+
+def unfinish(path: Path) -> list[dict]:
+    """Turn a finished cache folder into what a build killed after its last shard leaves: the
+    plan, one record per shard, no manifest. Returns the records."""
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    keys = ("format", "format_version", "fingerprint", "plan")
+    (path / PLAN_NAME).write_text(json.dumps({k: manifest[k] for k in keys}))
+    for record in manifest["shards"]:
+        (path / record["file"].replace(".safetensors", ".json")).write_text(json.dumps(record))
+    (path / MANIFEST_NAME).unlink()
+    return manifest["shards"]
+
+
+def test_resume_recomputes_a_shard_whose_record_is_for_other_examples(
+    cache, model, pairs, tmp_path
+):
+    """Shard 2 and its record come from a build over other examples (same ids, other tokens,
+    same shard layout): its checksum holds, but it is not the planned shard."""
+    other = build(model, make_pairs(seed=1), tmp_path / "other")
+    path = copy_cache(cache, tmp_path)
+    records = unfinish(path)
+    unfinish(other.path)
+    name = records[2]["file"]
+    shutil.copy(other.path / name, path / name)
+    record_name = name.replace(".safetensors", ".json")
+    shutil.copy(other.path / record_name, path / record_name)
+    written = []
+    resumed = build(model, pairs, path, on_shard_written=lambda r: written.append(r.index))
+    assert written == [2]
+    assert cache_contents(resumed) == cache_contents(cache)
+
+
+def test_resume_recomputes_a_shard_whose_record_misstates_its_examples(
+    cache, model, pairs, tmp_path
+):
+    """The record claims the planned examples, size and checksum match the bytes, but the bytes
+    hold other examples: what the shard holds is checked, not what its record says."""
+    other = build(model, make_pairs(seed=1), tmp_path / "other")
+    path = copy_cache(cache, tmp_path)
+    records = unfinish(path)
+    name = records[2]["file"]
+    shutil.copy(other.path / name, path / name)
+    forged = {
+        **records[2],
+        "bytes": (path / name).stat().st_size,
+        "sha256": file_sha256(path / name),
+    }
+    (path / name.replace(".safetensors", ".json")).write_text(json.dumps(forged))
+    written = []
+    resumed = build(model, pairs, path, on_shard_written=lambda r: written.append(r.index))
+    assert written == [2]
+    assert cache_contents(resumed) == cache_contents(cache)
+
+
+@pytest.mark.parametrize("other", ["per_token", "model weights"])
+def test_resume_recomputes_shards_of_another_plan(cache, model, pairs, tmp_path, other):
+    """Shards and records left by a build with another plan (per-token values off) or other
+    inputs (another model), whose build-plan.json is gone (deleted by hand, or an overwrite
+    killed half-way): same examples, so their records' contents match, but every one of them
+    belongs to another build and is recomputed."""
+    if other == "per_token":
+        leftover = build(model, pairs, tmp_path / "left", per_token=False)
+    else:
+        leftover = build(tiny_model("llama", seed=1), pairs, tmp_path / "left")
+    unfinish(leftover.path)
+    (leftover.path / PLAN_NAME).unlink()
+    written = []
+    resumed = build(model, pairs, leftover.path, on_shard_written=lambda r: written.append(r.index))
+    assert written == [0, 1, 2, 3, 4]
+    assert cache_contents(resumed) == cache_contents(cache)
 
 
 def test_finished_build_is_not_recomputed(cache, model, pairs):
