@@ -579,15 +579,17 @@ class DeferredMask:
     the attention function decides: packed calls drop it, unpacked calls `build` it.
     """
 
-    # transformers' generate with a compileable (static) cache makes masks ahead of the forward
-    # and passes them back in as attention_mask; it reads `ndim` to tell a 2-D padding mask
-    # from a prepared one, which this stands for.
+    # generate with a compileable (static) cache asks for the masks before the forward and
+    # passes them in as its attention_mask; the forward's mask preparation reads `ndim` (2: a
+    # padding mask to convert) and hands anything else back to the mask function, which
+    # returns this record as it is.
     ndim = 4
 
     def __init__(self, arguments: dict[str, Any]):
         # Tensors are copied as they are now: a static cache's query offset is a tensor that
-        # the first layer's cache update advances in place before the mask is built (seen:
-        # greedy tokens of a Llama off by one slot from the 4th step). None in packed calls.
+        # the first layer's cache update advances in place before the mask is built (seen on
+        # a tiny Llama: decoding logits off by one cache slot, its tokens from the 4th step).
+        # Packed calls pass no tensors here, so they copy nothing.
         self.arguments = {
             name: value.clone() if isinstance(value, torch.Tensor) else value
             for name, value in arguments.items()
