@@ -491,23 +491,6 @@ def test_auto_picks_torch_on_cpu(caplog):
 
 
 # ------------------------------------------------------------------------------------------------
-# Determinism
-
-
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_backward_is_bitwise_deterministic(impl):
-    case = Case(37, 32, 300, bias=True, softcap=4.0, temperature=0.9, lse_grad=True)
-
-    def once():
-        return run(lambda h, w, t, b: fused(impl)(h, w, t, b, case), case, torch.float32)
-
-    first, second = once(), once()
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    for name in first[2]:
-        assert torch.equal(first[2][name], second[2][name]), name
-
-
-# ------------------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -587,19 +570,21 @@ def test_gpu_partial_requires_grad(requires):
 
 
 @pytest.mark.gpu
-def test_gpu_backward_is_bitwise_deterministic():
-    case = GPU_CASES[0]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_backward_is_bitwise_deterministic(case, impl, dtype):
+    """Two runs give the same bits (values, lse and every gradient). Only a real parallel
+    launch can show a race or an order-dependent reduction: under the interpreter programs run
+    one after another, so this runs on CUDA only, at shapes with many row and vocabulary tiles
+    (and the few-rows V-split path)."""
 
     def once():
-        return run(
-            lambda h, w, t, b: fused("triton")(h, w, t, b, case),
-            case,
-            torch.bfloat16,
-            device="cuda",
-        )
+        return run(lambda h, w, t, b: fused(impl)(h, w, t, b, case), case, dtype, device="cuda")
 
     first, second = once(), once()
-    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert set(first[2]) == {"hidden", "weight"} | ({"bias"} if case.bias else set())
     for name in first[2]:
         assert torch.equal(first[2][name], second[2][name]), name
 

@@ -112,12 +112,19 @@ def test_kernel_sequence_sums_and_lengths():
     assert (counts == 0).any()  # the layout has an empty-after-masking sequence
 
 
-def test_kernel_is_deterministic():
-    batch = make_packed(6, masked=True, seed=3)
-    first = run(batch, impl="triton", loss="ipo", beta=0.3)
-    second = run(batch, impl="triton", loss="ipo", beta=0.3)
+@pytest.mark.gpu
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("loss", "params"), KERNEL_CASES)
+def test_kernel_is_deterministic(loss, params, masked):
+    """Two runs give the same bits (loss, every metric, the gradient). Only a real parallel
+    launch can show a race: under the interpreter programs run one after another, so this runs
+    on CUDA only, with thousands of pairs (one program each) and sequences longer than a block."""
+    batch = make_packed(3000, max_len=2500, masked=masked, seed=3, device="cuda")
+    first = run(batch, impl="triton", loss=loss, beta=0.3, **params)
+    second = run(batch, impl="triton", loss=loss, beta=0.3, **params)
     assert torch.equal(first[0], second[0])
     assert torch.equal(first[2], second[2])
+    assert set(kernels.METRIC_NAMES[1:]) <= set(first[1])  # every kernel metric is compared
     for key in first[1]:
         assert torch.equal(first[1][key], second[1][key]), key
 

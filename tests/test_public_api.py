@@ -1,5 +1,6 @@
 """The public surface of ARCHITECTURE.md resolves, with the documented keyword arguments."""
 
+import importlib.metadata
 import inspect
 import subprocess
 import sys
@@ -11,7 +12,19 @@ import fastdpo
 
 @pytest.mark.parametrize("name", fastdpo.__all__)
 def test_every_public_name_resolves(name):
-    assert getattr(fastdpo, name) is not None
+    """Each name is the object of that name in the fastdpo module that defines it (a mapping
+    slip such as pack_pairs -> collate_pairs fails here)."""
+    value = getattr(fastdpo, name)
+    if name == "__version__":
+        assert value == importlib.metadata.version("fastdpo")
+    elif name == "LOSSES":
+        from fastdpo.losses import LOSSES
+
+        assert value is LOSSES and "sigmoid" in value
+    else:
+        assert value.__name__ == name, f"fastdpo.{name} is {value.__module__}.{value.__name__}"
+        assert value.__module__.startswith("fastdpo.")
+        assert getattr(sys.modules[value.__module__], name) is value
 
 
 def test_unknown_name_is_an_attribute_error():

@@ -257,8 +257,10 @@ def test_matching_expectations_open(cache, model, pairs):
     fields = expected_fields(
         model=model, tokenizer=build_tiny_tokenizer(), tokenization=TOKENIZATION, examples=pairs
     )
-    ReferenceCache.open(cache.path, expect=fields)
-    ReferenceCache.open(cache.path, expect=cache.fingerprint)
+    for expect in (fields, cache.fingerprint):
+        opened = ReferenceCache.open(cache.path, expect=expect)
+        assert opened.fingerprint == cache.fingerprint
+        assert cache_contents(opened) == cache_contents(cache)
 
 
 @pytest.mark.parametrize(
