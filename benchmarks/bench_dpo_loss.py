@@ -17,6 +17,9 @@ head:
                  use_ref_model=False: it cannot take cached reference log-probs, so its loss
                  uses zeros instead (same head work; the loss value differs from the others)
   fastdpo-triton linear_logprobs(impl="triton") in place of the torch impl (CUDA only)
+  fastdpo-ignored the input cce gets: hidden [2P, T, H] and targets [2P, T] with the prompt
+                 quarter as ignore_index, straight to linear_logprobs (impl "auto": torch on
+                 the CPU, triton on CUDA), which drops the ignored rows itself; sums over T
 
 Targets: fastdpo's peak memory <= 2x the input gradients (hidden.grad + head.grad) and its
 time within 1.4x of cce's torch_compile impl. Each case runs in a fresh subprocess.
@@ -40,7 +43,7 @@ SCRIPT = Path(__file__).resolve()
 # (pairs, T, H, V)
 TARGET_SHAPES = [(1, 8192, 512, 32000), (4, 512, 512, 32000)]
 SMALL_SHAPES = [(1, 1024, 128, 4096), (4, 128, 128, 4096)]
-IMPLS = ("fastdpo", "cce", "naive", "liger", "fastdpo-triton")
+IMPLS = ("fastdpo", "cce", "naive", "liger", "fastdpo-triton", "fastdpo-ignored")
 DEFAULT_IMPLS = ("fastdpo", "cce", "naive", "liger")
 BETA = 0.1
 IGNORE_INDEX = -100
@@ -86,6 +89,20 @@ def _fastdpo(impl: str, targets: torch.Tensor, refs: tuple[torch.Tensor, torch.T
         completion_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         logp = linear_logprobs(completion_hidden, weight, completion_targets, impl=impl)
         sums = logp.new_zeros(sequences).index_add(0, sequence_of_token, logp)
+        return dpo_loss(sums[:pairs], sums[pairs:], *refs)
+
+    return loss_fn
+
+
+def _fastdpo_ignored(targets: torch.Tensor, refs: tuple[torch.Tensor, torch.Tensor]):
+    """The whole [2P, T] labels, prompt positions marked ignore_index: the op drops them."""
+    from fastdpo.ops.linear_logprobs import linear_logprobs
+
+    pairs = targets.shape[0] // 2
+
+    def loss_fn(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        token_logp = linear_logprobs(hidden, weight, targets, ignore_index=IGNORE_INDEX)
+        sums = token_logp.sum(-1)  # ignored positions are 0
         return dpo_loss(sums[:pairs], sums[pairs:], *refs)
 
     return loss_fn
@@ -146,6 +163,9 @@ def build_loss(
         if device.type != "cuda":
             raise harness.Unavailable("Triton kernels benchmarked on CUDA only (CPU interpreter)")
         return _fastdpo("triton", targets, refs), "linear_logprobs impl=triton"
+    if name == "fastdpo-ignored":
+        impl = "triton" if device.type == "cuda" else "torch"
+        return _fastdpo_ignored(targets, refs), f"[2P, T] labels, ignored rows dropped, {impl}"
     if name == "cce":
         return _cce(targets, refs), "impl=torch_compile"
     if name == "naive":
