@@ -11,6 +11,7 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_dpo_loss  # noqa: E402
 import bench_linear_logprobs  # noqa: E402
+import bench_train  # noqa: E402
 import harness  # noqa: E402
 
 ENV_COLUMNS = ["device_name", *harness.VERSIONED_PACKAGES, "date", "commit"]
@@ -117,6 +119,77 @@ def test_bench_precompute_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _read_csv(csv_path)
     assert rows and all(r["status"] == "ok" and r["seed"] == "0" for r in rows)
+
+
+def test_bench_train_runs_on_cpu(tmp_path):
+    """fastdpo's Trainer end to end, and the --longest search (capped so it stays short). The
+    TRL row runs where trl is installed in this Python and is skipped with the reason where not.
+    """
+    from importlib import util
+
+    csv_path = tmp_path / "train.csv"
+    command = [sys.executable, str(BENCHMARKS / "bench_train.py"), "--device", "cpu"]
+    command += ["--preset", "tiny", "--impls", "fastdpo,trl", "--csv", str(csv_path)]
+    command += ["--longest", "--longest-start", "64", "--longest-max", "128"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _read_csv(csv_path)
+    train = {r["impl"]: r for r in rows if r["mode"] == "train"}
+    longest = {r["impl"]: r for r in rows if r["mode"] == "longest"}
+    fastdpo = train["fastdpo"]
+    assert fastdpo["status"] == "ok", fastdpo
+    preset = bench_train.PRESETS["tiny"]
+    # --repeats 1: one epoch timed, after one warm-up step.
+    assert int(fastdpo["timed_steps"]) == preset["pairs"] // preset["pairs_per_step"]
+    pairs_per_s = float(fastdpo["pairs_per_s"])
+    assert pairs_per_s > 0 and float(fastdpo["tokens_per_s"]) > 0
+    assert float(fastdpo["precompute_s"]) > 0  # the reference cache was built and timed
+    epoch_s = preset["pairs"] / pairs_per_s
+    amortized = preset["pairs"] / (epoch_s + float(fastdpo["precompute_s"]))
+    assert float(fastdpo["pairs_per_s_amortized"]) == pytest.approx(amortized, rel=1e-6)
+    assert 0 < float(fastdpo["peak_mib"]) < preset["memory_limit_mib"]
+    if util.find_spec("trl") is None:
+        assert train["trl"]["status"] == "skipped" and "trl" in train["trl"]["note"]
+    else:
+        assert train["trl"]["status"] == "ok", train["trl"]
+        # The same pairs: the same real tokens per pair on both sides.
+        assert float(train["trl"]["real_tokens_per_pair"]) > 0
+    # The tiny model fits every length tried: the search stops at the cap.
+    assert longest["fastdpo"]["status"] == "ok"
+    assert longest["fastdpo"]["longest_pair_tokens"] == "128"
+    assert "| trainer | pairs/s |" in proc.stdout and "| longest pair (tokens) |" in proc.stdout
+
+
+def test_longest_search_doubles_then_bisects(monkeypatch):
+    calls = []
+
+    def fake_run_one(python, case, timeout_s):  # memory grows with the pair: 1 MiB per token
+        calls.append(case["pair_tokens"])
+        return {**case, "status": "ok", "peak_mib": float(case["pair_tokens"]), "step_s": 1.0}
+
+    monkeypatch.setattr(bench_train, "run_one", fake_run_one)
+    args = SimpleNamespace(timeout=1, longest_start=100, longest_max=10_000, longest_resolution=10)
+    row = bench_train.find_longest(None, {"impl": "x"}, args, 1000.0, lambda text: None)
+    # 100, 200, 400, 800 fit, 1600 does not; bisection of (800, 1600] down to 10 tokens.
+    assert calls[:5] == [100, 200, 400, 800, 1600]
+    assert 990 < row["longest_pair_tokens"] <= 1000 < row["first_failure"]
+    assert row["first_failure"] - row["longest_pair_tokens"] <= 10
+    assert row["peak_mib"] == row["longest_pair_tokens"]
+
+
+def test_bench_train_text_has_exact_token_counts():
+    from fastdpo import load_preference_data, tokenize_pairs
+    from fastdpo.testing.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    maker = bench_train.TextMaker(tokenizer, seed=3)
+    lengths = [(5, 7, 2), (40, 3, 90), *(bench_train.longest_parts(n) for n in (64, 1000))]
+    rows = [maker.pair(*parts) for parts in lengths]
+    pairs = tokenize_pairs(load_preference_data(rows), tokenizer, max_length=4096)
+    for pair, (prompt, chosen, rejected) in zip(pairs, lengths, strict=True):
+        counts = (len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids))
+        assert counts == (prompt, chosen, rejected)
+    assert sum(bench_train.longest_parts(1000)) + bench_train.longest_parts(1000)[0] == 1000
 
 
 def test_baselines_that_cannot_run_on_the_cpu_are_skipped_with_a_reason():
