@@ -57,8 +57,6 @@ from pathlib import Path
 import harness
 import torch
 
-from fastdpo.memory import PeakMemoryMeter
-
 SCRIPT = Path(__file__).resolve()
 
 IMPLS = ("fastdpo", "trl", "trl-nogc", "trl-precompute", "trl-padding-free", "trl-liger")
@@ -383,10 +381,11 @@ def _run_trl(case: dict, device: torch.device, out: Path) -> dict:
 
 
 class _RunMeter:
-    """`PeakMemoryMeter` started now and stopped once, by `stop()` or before a wrapped call."""
+    """`harness.PeakMemoryMeter` started now, stopped once: by `stop()` or before a wrapped call."""
 
     def __init__(self, device: torch.device) -> None:
-        self._meter = PeakMemoryMeter(device).__enter__()
+        # Through the harness: one meter for every benchmark, wherever fastdpo keeps it.
+        self._meter = harness.PeakMemoryMeter(device).__enter__()
         self._running = True
 
     def stop(self) -> None:
