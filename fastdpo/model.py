@@ -352,6 +352,7 @@ def sequence_logps(
         bias=bias,
         softcap=softcap,
         temperature=temperature,
+        ignore_index=None,  # completion targets only: no row to drop, no count (a host sync)
         impl=impl,
     )
     logps, _ = segment_sums(token_logps, batch.target_cu)

@@ -595,3 +595,21 @@ def test_gpu_auto_picks_triton(caplog):
     with caplog.at_level("DEBUG", logger="fastdpo.ops.linear_logprobs"):
         linear_logprobs(hidden, weight, targets)
     assert "impl=triton" in caplog.text
+
+
+def test_ignore_index_none_counts_no_rows_and_gives_the_same_values(monkeypatch):
+    """`ignore_index=None` (sequence_logps' call: completion targets only) skips the count of
+    kept rows, a host sync on accelerators, and computes exactly what the default does."""
+    hidden = torch.randn(7, 16, requires_grad=True)
+    weight = torch.randn(40, 16, )
+    targets = torch.randint(0, 40, (7,))
+    expected = linear_logprobs(hidden, weight, targets, impl="torch")
+
+    def no_count(*args, **kwargs):
+        raise AssertionError("rows were counted")
+
+    monkeypatch.setattr(op_module, "_kept_rows", no_count)
+    got = linear_logprobs(hidden, weight, targets, ignore_index=None, impl="torch")
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="outside"):
+        linear_logprobs(hidden, weight, torch.full((7,), -100), ignore_index=None)

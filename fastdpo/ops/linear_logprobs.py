@@ -548,7 +548,7 @@ def linear_logprobs(
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     return_lse: bool = False,
     impl: Impl = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -563,6 +563,8 @@ def linear_logprobs(
             after the bias and before the temperature; None for none.
         temperature: the (capped) logits are divided by it before the softmax.
         ignore_index: rows with this target give 0 (logp and lse) and receive no gradient.
+            None: no row is ignored (every target is a vocabulary id), which skips the host
+            sync that counting ignored rows costs (`sequence_logps` passes None).
         return_lse: also return the log-sum-exp of the final logits.
         impl: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1), "torch" (pure PyTorch,
             in blocks of rows x vocabulary) or "auto" (triton on CUDA, torch elsewhere).
@@ -593,6 +595,9 @@ def linear_logprobs(
         weight.shape[0],
     )
     vocab, width = weight.shape
+    drop_ignored = ignore_index is not None
+    if ignore_index is None:  # no target may equal it: the checks below then reject negatives
+        ignore_index = -(2**62)
     _assert_targets_on_device(targets, vocab, ignore_index)
     options = LinearLogprobsOptions(
         softcap=None if softcap is None else float(softcap),
@@ -603,7 +608,7 @@ def linear_logprobs(
     )
     lead_shape = targets.shape
     flat_hidden, flat_targets = hidden.reshape(-1, width), targets.reshape(-1)
-    kept = _kept_rows(flat_targets, ignore_index)
+    kept = _kept_rows(flat_targets, ignore_index) if drop_ignored else None
     if kept is not None:  # no matmul work for ignored rows: run on the others, scatter back
         flat_hidden = flat_hidden.index_select(0, kept)
         flat_targets = flat_targets.index_select(0, kept)
