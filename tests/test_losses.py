@@ -447,3 +447,264 @@ def test_other_bad_arguments():
         _call({"sigmoid": 1.0, "kto": 1.0}, b, kl=0.0)
     with pytest.raises(ValueError, match="tau must be a positive"):
         _call("discopop", b, tau=0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks and edge values (survivors of `make mutate`, see tests/MUTATION.md)
+
+
+def _bad_call(change: dict) -> dict:
+    """Arguments of a valid sigmoid call with `change` applied (None removes an argument)."""
+    b = make_batch()
+    args = dict(
+        policy_chosen=b["pc"],
+        policy_rejected=b["pr"],
+        ref_chosen=b["rc"],
+        ref_rejected=b["rr"],
+        loss="sigmoid",
+        beta=BETA,
+        chosen_lengths=b["lc"],
+        rejected_lengths=b["lr"],
+    )
+    args.update(change)
+    return {k: v for k, v in args.items() if v is not None}
+
+
+_P6 = torch.zeros(6, dtype=F64)
+_BAD_INPUTS = {
+    "chosen_not_a_tensor": (
+        {"policy_chosen": [0.0] * 6},
+        TypeError,
+        "policy_chosen must be a tensor, got list",
+    ),
+    "rejected_not_a_tensor": (
+        {"policy_rejected": (0.0,) * 6},
+        TypeError,
+        "policy_rejected must be a tensor, got tuple",
+    ),
+    "integer_logps": (
+        {"policy_chosen": torch.zeros(6, dtype=torch.long), "policy_rejected": torch.zeros(6)},
+        TypeError,
+        "policy_chosen and policy_rejected must share one floating dtype, got torch.int64 and "
+        "torch.float32",
+    ),
+    "integer_logps_both": (
+        {"policy_chosen": torch.zeros(6, dtype=torch.long), "policy_rejected": _P6.long()},
+        TypeError,
+        "policy_chosen and policy_rejected must share one floating dtype, got torch.int64 and "
+        "torch.int64",
+    ),
+    "rejected_on_another_device": (
+        {"policy_rejected": _P6.to("meta")},
+        ValueError,
+        "policy_chosen is on cpu, policy_rejected on meta: move them to one device",
+    ),
+    "no_pairs": (
+        {"policy_chosen": _P6[:0], "policy_rejected": _P6[:0], "ref_chosen": _P6[:0]}
+        | {"ref_rejected": _P6[:0], "chosen_lengths": None, "rejected_lengths": None},
+        ValueError,
+        r"the batch has no pairs \(policy_chosen is empty\)",
+    ),
+    "no_completions_unpaired": (
+        {"policy_chosen": _P6[:0], "policy_rejected": _P6[:0], "ref_chosen": _P6[:0]}
+        | {"ref_rejected": _P6[:0], "loss": "kto", "kl": 0.0}
+        | {"chosen_lengths": None, "rejected_lengths": None},
+        ValueError,
+        r"the batch has no completions \(policy_chosen and policy_rejected empty\)",
+    ),
+    "one_reference_missing": (
+        {"ref_rejected": None},
+        ValueError,
+        r"loss 'sigmoid' needs reference log-probs: pass ref_chosen and ref_rejected \(e\.g\. "
+        r"from fastdpo\.ReferenceCache\), or pick a reference-free loss \(simpo, orpo, sft\)",
+    ),
+    "one_reference_given_to_a_reference_free_loss": (
+        {"ref_rejected": None, "loss": "simpo"},
+        ValueError,
+        "pass both ref_chosen and ref_rejected, or neither",
+    ),
+    "reference_rejected_shape": (
+        {"ref_rejected": _P6[:5]},
+        ValueError,
+        r"ref_rejected has shape \(5,\), expected \(6,\) \(one value per completion, like the "
+        r"policy log-probs\)",
+    ),
+    "reference_rejected_device": (
+        {"ref_rejected": _P6.to("meta")},
+        ValueError,
+        "ref_rejected is on meta, the policy log-probs on cpu",
+    ),
+    "lengths_missing": (
+        {"rejected_lengths": None, "loss": "ipo"},
+        ValueError,
+        r"loss 'ipo' needs completion token counts: pass chosen_lengths and rejected_lengths "
+        r"\(\[P\] each\)",
+    ),
+    "rejected_lengths_shape": (
+        {"rejected_lengths": torch.ones(5, dtype=torch.long)},
+        ValueError,
+        r"rejected_lengths has shape \(5,\), expected \(6,\)",
+    ),
+    "chosen_lengths_shape": (
+        {"chosen_lengths": torch.ones(4, dtype=torch.long)},
+        ValueError,
+        r"chosen_lengths has shape \(4,\), expected \(6,\)",
+    ),
+    "beta_string": ({"beta": "0.1"}, TypeError, "beta must be a number, got '0.1'"),
+    "beta_bool": ({"beta": True}, TypeError, "beta must be a number, got True"),
+    "weight_string": (
+        {"loss": {"sigmoid": "1"}},
+        TypeError,
+        "loss 'sigmoid': weight must be a number, got '1'",
+    ),
+    "weight_nan": (
+        {"loss": {"sigmoid": math.nan}},
+        ValueError,
+        "loss 'sigmoid': weight must be finite, got nan",
+    ),
+    "no_losses": ({"loss": {}}, ValueError, "loss: the mapping of losses to weights is empty"),
+    "loss_of_another_type": (
+        {"loss": 3},
+        TypeError,
+        r"loss must be a loss name or a mapping \{name: weight\}, got int",
+    ),
+    "paired_with_unpaired": (
+        {"loss": {"sigmoid": 1.0, "kto": 1.0}},
+        ValueError,
+        r"loss: cannot combine paired losses with unpaired ones \(kto\)",
+    ),
+    "gamma_nan": (
+        {"loss": "simpo", "gamma": math.nan},
+        ValueError,
+        "loss 'simpo': gamma must be a finite number, got nan",
+    ),
+    "exo_smoothing_zero": (
+        {"loss": "exo_pair", "label_smoothing": 0.0},
+        ValueError,
+        r"loss 'exo_pair': label_smoothing must be in \(0, 0\.5\), got 0\.0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_INPUTS))
+def test_bad_inputs_are_errors_that_name_them(case):
+    change, error, message = _BAD_INPUTS[case]
+    args = _bad_call(change)
+    with pytest.raises(error, match=f"^{message}"):
+        preference_loss(args.pop("policy_chosen"), args.pop("policy_rejected"), **args)
+
+
+def test_unknown_loss_lists_every_known_loss():
+    with pytest.raises(ValueError) as info:
+        preference_loss(torch.zeros(2), torch.zeros(2), loss="nope")
+    assert str(info.value).endswith(f"known losses: {', '.join(sorted(LOSSES))}")
+
+
+def test_register_loss_defaults_and_checks(scratch_registry):
+    def plain(x: losses.LossInputs) -> torch.Tensor:
+        return x.margin().mean()
+
+    register_loss("plain")(plain)
+    register_loss("averaged", length_normalized=True)(plain)
+    spec, averaged = LOSSES["plain"], LOSSES["averaged"]
+    assert (spec.needs_reference, spec.needs_lengths, spec.length_normalized, spec.paired) == (
+        True,
+        False,
+        False,
+        True,
+    )
+    assert averaged.length_normalized and averaged.needs_lengths  # averages need the counts
+    for name in ("", 3):
+        with pytest.raises(
+            ValueError, match=f"a loss name must be a non-empty string, got {name!r}"
+        ):
+            register_loss(name)
+    with pytest.raises(
+        ValueError, match=r"'plain' is already registered; pick another name or pass replace=True$"
+    ):
+        register_loss("plain")(plain)
+
+
+def test_custom_losses_that_read_what_was_not_given(scratch_registry):
+    """A loss registered as reference-free (or without lengths) that reads them anyway gets an
+    error naming what is missing, not a TypeError from None."""
+
+    @register_loss("reads_reference", needs_reference=False)
+    def reads_reference(x: losses.LossInputs) -> torch.Tensor:
+        return x.reference()[0].mean()
+
+    @register_loss("reads_lengths", needs_reference=False)
+    def reads_lengths(x: losses.LossInputs) -> torch.Tensor:
+        return x.policy(normalized=True)[0].mean()
+
+    b = make_batch()
+    with pytest.raises(
+        ValueError, match=r"^this loss needs reference log-probs \(ref_chosen, ref_rejected\)$"
+    ):
+        preference_loss(b["pc"], b["pr"], loss="reads_reference")
+    with pytest.raises(
+        ValueError, match=r"^per-token averages need chosen_lengths and rejected_lengths$"
+    ):
+        preference_loss(b["pc"], b["pr"], loss="reads_lengths")
+
+
+def test_default_beta_is_a_tenth():
+    b = make_batch()
+    default, _ = preference_loss(b["pc"], b["pr"], b["rc"], b["rr"])
+    assert torch.equal(default, preference_loss(b["pc"], b["pr"], b["rc"], b["rr"], beta=0.1)[0])
+    assert not torch.equal(
+        default, preference_loss(b["pc"], b["pr"], b["rc"], b["rr"], beta=0.2)[0]
+    )
+
+
+def test_reference_and_lengths_take_the_policy_dtype():
+    """fp32 policy, fp64 reference: the loss is computed in fp32, as if the reference had been
+    cast first."""
+    b = make_batch()
+    pc, pr = b["pc"].float(), b["pr"].float()
+    loss, _ = preference_loss(
+        pc, pr, b["rc"], b["rr"], loss="ipo", chosen_lengths=b["lc"], rejected_lengths=b["lr"]
+    )
+    cast, _ = preference_loss(
+        pc,
+        pr,
+        b["rc"].float(),
+        b["rr"].float(),
+        loss="ipo",
+        chosen_lengths=b["lc"].float(),
+        rejected_lengths=b["lr"].float(),
+    )
+    assert loss.dtype == torch.float32 and torch.equal(loss, cast)
+
+
+def test_means_over_one_element():
+    """Batch means over a single value are that value (KTO groups of one, ORPO's NLL over one
+    token)."""
+    pd, pu, rd, ru = (torch.tensor([v], dtype=F64) for v in (-2.0, -3.0, -2.5, -1.0))
+    _, metrics = preference_loss(pd, pu, rd, ru, loss="kto", beta=BETA, kl=0.0)
+    torch.testing.assert_close(metrics["rewards/chosen"], BETA * (pd - rd)[0], rtol=0, atol=0)
+    torch.testing.assert_close(metrics["rewards/rejected"], BETA * (pu - ru)[0], rtol=0, atol=0)
+    assert metrics["count/chosen"].item() == 1 and metrics["count/rejected"].item() == 1
+    one = torch.ones(1, dtype=torch.long)
+    _, metrics = preference_loss(
+        pd, pu, loss="orpo", beta=BETA, chosen_lengths=one, rejected_lengths=one
+    )
+    assert metrics["nll_loss"].item() == 2.0
+
+
+def test_running_mean_is_float64_and_exact_from_one_value():
+    state = RunningMean.zero()
+    assert state.mean.dtype == torch.float64 and state.count.dtype == torch.float64
+    after = state.update(torch.tensor([0.1], dtype=torch.float32))
+    assert after.mean.dtype == torch.float64
+    assert (
+        after.mean.item() == float(torch.tensor(0.1, dtype=torch.float32))
+        and after.count.item() == 1
+    )
+
+
+def test_log1mexp_is_accurate_in_float32_at_both_ends():
+    """log(1 - e^x) near x = 0 (a completion the policy is sure of: ORPO's odds) and far below."""
+    x = torch.tensor([-1e-6, -1e-4, -0.01, -0.5, -0.7, -1.0, -5.0, -30.0], dtype=torch.float32)
+    truth = torch.log(-torch.expm1(x.double()))
+    torch.testing.assert_close(losses._log1mexp(x).double(), truth, rtol=2e-6, atol=1e-12)

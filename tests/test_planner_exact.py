@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdpo.data.planner import best_fit_decreasing
+from fastdpo.data.planner import PackingStats, best_fit_decreasing
 
 
 def reference_bfd_loads(sizes: list[int], budget: int) -> list[int]:
@@ -117,3 +117,64 @@ def test_an_exact_fit_is_taken(shuffle):
     sizes = [3, 1, 5, 3]
     batches = best_fit_decreasing(sizes, 7, shuffle=shuffle, seed=5)
     assert sorted(sorted(sizes[i] for i in batch) for batch in batches) == [[1, 3, 3], [5]]
+
+
+# ------------------------------------------------------------------------------------------------
+# The rest of planner.py: defaults, refused arguments, the plan's statistics (survivors of
+# `make mutate`, see tests/MUTATION.md)
+
+
+def test_defaults_are_shuffled_seed_0_epoch_0():
+    sizes = [5, 3, 8, 1, 7, 2, 6, 4, 9, 3, 5, 2]
+    plan = best_fit_decreasing(sizes, 10)
+    assert plan == best_fit_decreasing(sizes, 10, seed=0, epoch=0, shuffle=True)
+    assert plan != best_fit_decreasing(sizes, 10, shuffle=False)
+    assert plan != best_fit_decreasing(sizes, 10, seed=1)
+    assert plan != best_fit_decreasing(sizes, 10, epoch=1)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "budget", "options", "message"),
+    [
+        ([1], 0, {}, r"^budget must be >= 1, got 0$"),
+        ([1], 5, {"window": 0}, r"^window must be >= 1, got 0$"),
+        ([0, 3], 5, {}, r"^sizes must lie in \[1, 5\], got \[0, 3\]$"),
+        ([2, 6], 5, {}, r"^sizes must lie in \[1, 5\], got \[2, 6\]$"),
+    ],
+)
+def test_refused_arguments_say_why(sizes, budget, options, message):
+    with pytest.raises(ValueError, match=message):
+        best_fit_decreasing(sizes, budget, **options)
+
+
+def test_budget_of_one_token():
+    assert sorted(best_fit_decreasing([1, 1, 1], 1)) == [[0], [1], [2]]
+
+
+def test_packing_stats_values():
+    """Budget 8, batches of 3 + 4 and 5 tokens, padded to multiples of 4: every field by hand."""
+    stats = PackingStats.of([[0, 1], [2]], [3, 4, 5], 8, skipped=2, pad_to_multiple=4)
+    assert stats == PackingStats(
+        num_examples=3,
+        num_batches=2,
+        num_skipped=2,
+        tokens=12,
+        capacity=16,
+        padding_tokens=1 + 3,  # 7 -> 8, 5 -> 8
+        efficiency=0.75,
+        examples_per_batch=(1.5, 1, 2),
+        tokens_per_batch=(6.0, 5, 7),
+    )
+    assert PackingStats.of([[0, 1], [2]], [3, 4, 5], 8).padding_tokens == 0
+    assert PackingStats.of([[0, 1], [2]], [3, 4, 5], 8).num_skipped == 0
+    assert PackingStats.of([], [], 8) == PackingStats(
+        num_examples=0,
+        num_batches=0,
+        num_skipped=0,
+        tokens=0,
+        capacity=0,
+        padding_tokens=0,
+        efficiency=0.0,
+        examples_per_batch=(0.0, 0, 0),
+        tokens_per_batch=(0.0, 0, 0),
+    )
