@@ -15,7 +15,10 @@ is refused, before the forward where its config says so and after it otherwise (
 layer must have run through the packed attention function, with the sliding window its config
 declares).
 
-Host syncs: none here; the "sdpa" attention backend reads the offsets once per batch.
+Host syncs: none here. Outside: transformers' mask preparation checks `position_ids` for packed
+rows once per forward and mask kind (a sync on CUDA; fastdpo's attention names are in its mask
+registry so that unpacked calls fall back to the model's own attention), and the "sdpa" backend
+reads the offsets once per batch.
 """
 
 from __future__ import annotations
