@@ -1,12 +1,14 @@
 """Row formats and sources: every format normalizes to the expected canonical example."""
 
 import json
+import re
 
 import pytest
 
-from fastdpo.data.formats import FormatOptions, row_to_examples
+from fastdpo.data.formats import FormatOptions, content_id, row_to_examples
 from fastdpo.data.ranking import rank_pairs
 from fastdpo.data.sources import load_preference_data
+from fastdpo.data.validation import BadRowError, Reason
 
 
 def user(text):
@@ -264,3 +266,134 @@ def test_pretty_printed_json_object_is_a_clear_error(tmp_path):
     path.write_text(json.dumps({"version": 1, "data": ROWS}, indent=2))
     with pytest.raises(ValueError, match="one JSON object spread over lines"):
         load_preference_data(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Survivors of `make mutate` (see tests/MUTATION.md): behaviour no test above pinned down
+
+
+def test_whole_conversation_prompt_column_decides_the_split():
+    """The transcripts share an assistant turn too: the common prefix alone would put it in the
+    prompt, the prompt column makes it part of multi-turn replies."""
+    prompt = [user("Hi")]
+    chosen = [user("Hi"), assistant("Hello"), user("More?"), assistant("x")]
+    rejected = [user("Hi"), assistant("Hello"), user("More?"), assistant("y")]
+    _, e = one({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    assert e.prompt == prompt and e.chosen == chosen[1:] and e.rejected == rejected[1:]
+    _, e = one({"chosen": chosen, "rejected": rejected})  # without the column: common prefix
+    assert e.prompt == chosen[:3] and e.chosen == [assistant("x")]
+
+
+def test_unpaired_rows_keep_their_id_and_promote_to_messages():
+    _, e = one({"id": "k1", "prompt": "Hi", "completion": [assistant("Go")], "label": True})
+    assert e.example_id == "k1"
+    assert (e.prompt, e.completion) == ([user("Hi")], [assistant("Go")])
+    _, e = one({"prompt": [user("Hi")], "completion": "Go", "label": False})
+    assert (e.prompt, e.completion) == ([user("Hi")], [assistant("Go")])
+
+
+def test_ranked_examples_carry_the_prompt_and_honour_min_score_gap():
+    row = {"id": "q", "prompt": "Hi", "responses": ["a", "b", "c"], "scores": [3, 2.5, 1]}
+    examples = load_preference_data([row], pairing="all_pairs", min_score_gap=0.6)
+    assert [(e.example_id, e.prompt, e.chosen, e.rejected) for e in examples] == [
+        ("q:0>2", "Hi", "a", "c"),
+        ("q:1>2", "Hi", "b", "c"),
+    ]
+    _, examples = row_to_examples({**row, "prompt": [user("Hi")]}, FormatOptions())
+    assert examples[0].prompt == [user("Hi")] and examples[0].chosen == [assistant("a")]
+    # A gap exactly at min_score_gap is kept; the default gap is 0.
+    assert rank_pairs([2.0, 1.5], "best_vs_worst", 0.5) == [(0, 1)]
+    assert rank_pairs([2.0, 1.5], "best_vs_worst") == [(0, 1)]
+
+
+def test_format_detection_from_any_one_column():
+    """One column of a format is enough to pick it; the missing ones are then named."""
+    cases = [
+        ({"prompt": "Hi", "scores": [1, 0]}, "missing column 'responses'"),
+        ({"prompt": "Hi", "responses": ["a", "b"]}, "missing column 'scores'"),
+        ({"responses": ["a", "b"], "scores": [1, 0]}, "missing column 'prompt'"),
+        ({"prompt": "Hi", "label": True}, "missing column 'completion'"),
+        ({"prompt": "Hi", "completion": "a"}, "missing column 'label'"),
+        ({"completion": "a", "label": True}, "missing column 'prompt'"),
+        ({"prompt": "Hi", "rejected": "a"}, "missing column 'chosen'"),
+        ({"prompt": "Hi", "chosen": "a"}, "missing column 'rejected'"),
+        ({"prompt": "Hi"}, "the row matches no known format: expected columns chosen + rejected"),
+    ]
+    for row, message in cases:
+        with pytest.raises(BadRowError) as info:
+            load_preference_data([row])
+        (problem,) = info.value.problems
+        assert problem.reason is Reason.MISSING_COLUMN and problem.row == 0
+        assert problem.message.startswith(message), problem.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason", "message"),
+    [
+        ({"responses": "ab", "scores": [1]}, Reason.MALFORMED, "'responses' must be a list of"),
+        (
+            {"responses": [assistant("a"), assistant("b")], "scores": [1, 0]},
+            Reason.MALFORMED,
+            "'responses' must be a list of texts or of replies",
+        ),
+        ({"responses": ["a", "b"], "scores": 1}, Reason.BAD_SCORES, r"\(2\), got int$"),
+        ({"responses": ["a", "b"], "scores": [1]}, Reason.BAD_SCORES, r"\(2\), got 1$"),
+        (
+            {"responses": ["a", [user("b"), assistant("c")]], "scores": [1, 0]},
+            Reason.MALFORMED,
+            "'responses' must all be strings or all be message lists",
+        ),
+        (
+            {"responses": [[assistant("a")], [user("b"), assistant("c")]], "scores": [1, 0]},
+            Reason.MALFORMED,
+            r"'responses\[1\]' must start and end with an assistant message",
+        ),
+        (  # the same reply, its keys in another order, scored differently
+            {
+                "responses": [[assistant("a")], [{"content": "a", "role": "assistant"}]],
+                "scores": [1, 0],
+            },
+            Reason.IDENTICAL,
+            r"responses\[0\] is identical to responses\[1\]",
+        ),
+    ],
+)
+def test_bad_ranked_rows_name_the_problem(fields, reason, message):
+    with pytest.raises(BadRowError) as info:
+        load_preference_data([{"prompt": [user("Hi")], **fields}])
+    (problem,) = info.value.problems
+    assert problem.reason is reason and problem.row == 0
+    assert re.search(message, problem.message), problem.message
+
+
+def test_conversational_replies_are_named_in_errors():
+    prompt = [user("Hi")]
+    for name in ("chosen", "rejected"):
+        row = {"prompt": prompt, "chosen": [assistant("a")], "rejected": [assistant("b")]}
+        row[name] = [assistant("y"), user("x")]
+        with pytest.raises(BadRowError, match=f"'{name}' must start and end with an assistant"):
+            load_preference_data([row])
+
+
+def test_mixed_kinds_of_paired_texts_are_malformed():
+    with pytest.raises(BadRowError) as info:
+        load_preference_data([{"chosen": "a", "rejected": [assistant("b")]}])
+    (problem,) = info.value.problems
+    assert problem.reason is Reason.MALFORMED
+    assert problem.message == "'chosen' and 'rejected' must both be strings or both be messages"
+
+
+def test_content_ids_are_stable_across_key_order_and_versions():
+    """Ids key the tokenization cache and the reference cache, so the scheme must not drift:
+    the same content in any key order gives the same 16 hex digits, and this one (non-ASCII
+    text included) is pinned."""
+    a = content_id(prompt="Grüß dich", chosen="a", rejected="b")
+    assert a == content_id(rejected="b", chosen="a", prompt="Grüß dich")
+    assert a == "8cbef6921570e6d4"
+
+
+def test_pairing_options_are_checked():
+    with pytest.raises(ValueError, match=r"^pairing must be one of \('best_vs_worst', "):
+        FormatOptions(pairing="best")
+    with pytest.raises(ValueError, match=r"^min_score_gap must be >= 0, got -1$"):
+        FormatOptions(min_score_gap=-1)

@@ -8,7 +8,7 @@ import pytest
 from fastdpo.data.ranking import PAIRING_POLICIES
 from fastdpo.data.sources import load_preference_data
 from fastdpo.data.tokenize import tokenize_pairs
-from fastdpo.data.validation import BadRowError, Reason
+from fastdpo.data.validation import BadRow, BadRowError, BadRowLog, Reason
 from fastdpo.testing.tokenizer import build_tiny_tokenizer
 
 GOOD = {"prompt": "Hi", "chosen": "Hello", "rejected": "Go"}
@@ -224,3 +224,44 @@ def test_ranked_responses_of_mixed_kinds_are_malformed():
     row = {"prompt": "Hi", "responses": ["a", "b", _reply("c")], "scores": [2, 0, 1]}
     with pytest.raises(BadRowError, match="row 0: 'responses' must all be strings or all be"):
         load_preference_data([row])
+
+
+@pytest.mark.parametrize(
+    ("count", "more"), [(5, None), (6, "  ... and 1 more"), (7, "  ... and 2 more")]
+)
+def test_error_lists_at_most_five_and_counts_the_rest(count, more):
+    problems = [BadRow(Reason.IDENTICAL, f"problem {i}", row=i) for i in range(count)]
+    lines = str(BadRowError(problems, "loading x")).splitlines()
+    assert (
+        lines[0] == f"{count} bad row(s) while loading x ({count} x chosen identical to rejected):"
+    )
+    assert lines[1:6] == [f"  - row {i}: problem {i}" for i in range(5)]
+    assert lines[6:-1] == ([more] if more else [])
+    assert lines[-1] == (
+        "Fix the data, or pass on_bad_row='skip' to drop these rows (counts are logged)."
+    )
+
+
+def test_bad_row_text_names_what_is_known():
+    assert str(BadRow(Reason.MALFORMED, "m")) == "m"
+    assert str(BadRow(Reason.MALFORMED, "m", row=3)) == "row 3: m"
+    assert str(BadRow(Reason.MALFORMED, "m", row=3, source="f.jsonl")) == "f.jsonl, row 3: m"
+
+
+def test_skip_log_line_says_what_was_skipped(caplog):
+    log = BadRowLog("skip", "loading f.jsonl")
+    assert log.finish() == {}
+    log.add(BadRow(Reason.IDENTICAL, "same", row=2, source="f.jsonl"))
+    log.add(BadRow(Reason.NO_PAIR, "tie", row=5, source="f.jsonl"))
+    with caplog.at_level(logging.WARNING, logger="fastdpo.data"):
+        counts = log.finish()
+    assert counts == {Reason.IDENTICAL.value: 1, Reason.NO_PAIR.value: 1}
+    assert caplog.messages == [
+        "skipped 2 bad row(s) while loading f.jsonl (1 x chosen identical to rejected, "
+        "1 x no pair from ranking); first: f.jsonl, row 2: same"
+    ]
+    error_log = BadRowLog("error", "loading g")
+    error_log.add(BadRow(Reason.NO_PAIR, "tie", row=0))
+    with pytest.raises(BadRowError, match=r"^1 bad row\(s\) while loading g ") as info:
+        error_log.finish()
+    assert info.value.problems == error_log.problems
