@@ -397,3 +397,65 @@ def test_pairing_options_are_checked():
         FormatOptions(pairing="best")
     with pytest.raises(ValueError, match=r"^min_score_gap must be >= 0, got -1$"):
         FormatOptions(min_score_gap=-1)
+
+
+def test_whole_conversation_prompt_column_that_does_not_fit_is_ignored():
+    chosen = [user("Hi"), assistant("Hello"), user("More?"), assistant("x")]
+    rejected = [user("Hi"), assistant("Hello"), user("More?"), assistant("y")]
+    _, e = one({"prompt": [user("Other")], "chosen": chosen, "rejected": rejected})
+    assert e.prompt == chosen[:3] and e.chosen == [assistant("x")]
+    # The column is all of one transcript: that one has no reply, a bad row (not a crash).
+    row = {"prompt": chosen[:3], "chosen": chosen[:3], "rejected": rejected}
+    with pytest.raises(BadRowError) as info:
+        load_preference_data([row])
+    (problem,) = info.value.problems
+    assert problem.reason is Reason.MALFORMED
+    assert problem.message.startswith("'chosen' must start and end with an assistant message")
+
+
+def test_ranked_pairs_without_an_id_get_content_ids():
+    row = {"prompt": "Hi", "responses": ["a", "b", "c"], "scores": [3, 2, 1]}
+    examples = load_preference_data([row], pairing="best_vs_each")
+    assert [e.example_id for e in examples] == [
+        content_id(prompt="Hi", chosen="a", rejected=r) for r in ("b", "c")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": " ", "completion": "a", "label": True}, "'prompt' is empty"),
+        ({"prompt": "Hi", "completion": "", "label": True}, "'completion' is empty"),
+        (
+            {"prompt": [user("Hi")], "completion": [user("a"), assistant("b")], "label": True},
+            "'completion' must start and end with an assistant message",
+        ),
+        ({"prompt": "", "responses": ["a", "b"], "scores": [1, 0]}, "'prompt' is empty"),
+        ({"prompt": "Hi", "responses": ["a", ""], "scores": [1, 0]}, "'responses[1]' is empty"),
+        (
+            {"prompt": [user("Hi")], "responses": [[user("a"), assistant("b")], "c"]}
+            | {"scores": [1, 0]},
+            "'responses' must all be strings or all be message lists",
+        ),
+        (
+            {"prompt": [{"role": "bot", "content": "Hi"}]}
+            | {"chosen": [user("Hi"), assistant("a")], "rejected": [user("Hi"), assistant("b")]},
+            "prompt[0] has role 'bot'",
+        ),
+        (
+            {"chosen": [user("Hi"), assistant("a"), user("x")]}
+            | {"rejected": [user("Hi"), assistant("b")]},
+            "'chosen' must start and end with an assistant message",
+        ),
+        (
+            {"chosen": [user("Hi"), assistant("a")]}
+            | {"rejected": [user("Hi"), assistant("b"), user("x")]},
+            "'rejected' must start and end with an assistant message",
+        ),
+        ({"chosen": [assistant("a")], "rejected": [assistant("b")]}, "missing column 'prompt'"),
+    ],
+)
+def test_row_errors_name_the_field(row, message):
+    with pytest.raises(BadRowError) as info:
+        load_preference_data([row])
+    assert info.value.problems[0].message.startswith(message), info.value.problems[0].message

@@ -242,6 +242,18 @@ def test_error_lists_at_most_five_and_counts_the_rest(count, more):
     )
 
 
+def test_error_summary_counts_each_reason():
+    problems = [
+        BadRow(Reason.IDENTICAL, "a"),
+        BadRow(Reason.NO_PAIR, "b"),
+        BadRow(Reason.NO_PAIR, "c"),
+    ]
+    first = str(BadRowError(problems, "loading x")).splitlines()[0]
+    assert first == (
+        "3 bad row(s) while loading x (2 x no pair from ranking, 1 x chosen identical to rejected):"
+    )
+
+
 def test_bad_row_text_names_what_is_known():
     assert str(BadRow(Reason.MALFORMED, "m")) == "m"
     assert str(BadRow(Reason.MALFORMED, "m", row=3)) == "row 3: m"

@@ -708,3 +708,27 @@ def test_log1mexp_is_accurate_in_float32_at_both_ends():
     x = torch.tensor([-1e-6, -1e-4, -0.01, -0.5, -0.7, -1.0, -5.0, -30.0], dtype=torch.float32)
     truth = torch.log(-torch.expm1(x.double()))
     torch.testing.assert_close(losses._log1mexp(x).double(), truth, rtol=2e-6, atol=1e-12)
+
+
+def test_running_mean_sums_in_float64():
+    """fp32 rewards whose fp32 sum loses the small one: the state sums in float64."""
+    after = RunningMean.zero().update(torch.tensor([1e8, 1.0, -1e8], dtype=torch.float32))
+    assert after.mean.item() == 1 / 3 and after.count.item() == 3
+
+
+def test_loss_inputs_built_by_hand_with_one_side_missing():
+    """LossInputs is public: one reference (or length) tensor without the other is an error."""
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="needs reference log-probs"):
+        losses.LossInputs(policy_chosen=x, policy_rejected=x, ref_chosen=x).reference()
+    inputs = losses.LossInputs(policy_chosen=x, policy_rejected=x, rejected_lengths=x)
+    with pytest.raises(ValueError, match="per-token averages need chosen_lengths"):
+        inputs.policy(normalized=True)
+
+
+def test_mixing_names_every_unpaired_loss(scratch_registry):
+    register_loss("kto_copy", paired=False)(LOSSES["kto"].fn)
+    with pytest.raises(ValueError, match=r"unpaired ones \(kto, kto_copy\)$"):
+        preference_loss(
+            torch.zeros(2), torch.zeros(2), loss={"sigmoid": 1, "kto": 1, "kto_copy": 1}
+        )

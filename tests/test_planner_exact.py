@@ -152,18 +152,18 @@ def test_budget_of_one_token():
 
 
 def test_packing_stats_values():
-    """Budget 8, batches of 3 + 4 and 5 tokens, padded to multiples of 4: every field by hand."""
-    stats = PackingStats.of([[0, 1], [2]], [3, 4, 5], 8, skipped=2, pad_to_multiple=4)
+    """Budget 8, batches of 3 + 4 and 6 tokens, padded to multiples of 4: every field by hand."""
+    stats = PackingStats.of([[0, 1], [2]], [3, 4, 6], 8, skipped=2, pad_to_multiple=4)
     assert stats == PackingStats(
         num_examples=3,
         num_batches=2,
         num_skipped=2,
-        tokens=12,
+        tokens=13,
         capacity=16,
-        padding_tokens=1 + 3,  # 7 -> 8, 5 -> 8
-        efficiency=0.75,
+        padding_tokens=1 + 2,  # 7 -> 8, 6 -> 8
+        efficiency=13 / 16,
         examples_per_batch=(1.5, 1, 2),
-        tokens_per_batch=(6.0, 5, 7),
+        tokens_per_batch=(6.5, 6, 7),
     )
     assert PackingStats.of([[0, 1], [2]], [3, 4, 5], 8).padding_tokens == 0
     assert PackingStats.of([[0, 1], [2]], [3, 4, 5], 8).num_skipped == 0
