@@ -348,6 +348,11 @@ def test_format_detection_from_any_one_column():
             Reason.MALFORMED,
             r"'responses\[1\]' must start and end with an assistant message",
         ),
+        (
+            {"responses": [[user("b"), assistant("c")], [assistant("a")]], "scores": [1, 0]},
+            Reason.MALFORMED,
+            r"'responses\[0\]' must start and end with an assistant message",
+        ),
         (  # the same reply, its keys in another order, scored differently
             {
                 "responses": [[assistant("a")], [{"content": "a", "role": "assistant"}]],
