@@ -459,13 +459,20 @@ def simpo(x: LossInputs, *, gamma: float = 0.5) -> Tensor:
     return F.softplus(-(x.beta * (avg_c - avg_r) - gamma)).mean()
 
 
-def _chosen_nll(x: LossInputs) -> Tensor:
-    """Mean negative log-likelihood per chosen token over the batch: -sum(pi_c) / sum(L_c)."""
-    return -x.policy_chosen.sum() / x.chosen_lengths.sum().clamp(min=1.0)
+def _chosen_nll(x: LossInputs, denominator: float | Tensor | None) -> Tensor:
+    """Mean negative log-likelihood per chosen token over the batch: -sum(pi_c) / sum(L_c),
+    or -sum(pi_c) / denominator when one is given (see `nll_denominator` of sft / orpo)."""
+    if denominator is None:
+        return -x.policy_chosen.sum() / x.chosen_lengths.sum().clamp(min=1.0)
+    if not isinstance(denominator, Tensor):
+        denominator = check_finite("nll", "nll_denominator", denominator)
+        if denominator <= 0:
+            raise ValueError(f"nll_denominator must be > 0, got {denominator}")
+    return -x.policy_chosen.sum() / denominator
 
 
 @register_loss("orpo", needs_reference=False, needs_lengths=True, length_normalized=True)
-def orpo(x: LossInputs) -> tuple[Tensor, dict]:
+def orpo(x: LossInputs, *, nll_denominator: float | Tensor | None = None) -> tuple[Tensor, dict]:
     """ORPO, Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
     Model" (arXiv 2403.07691): the chosen NLL plus an odds-ratio term weighted by lambda = beta,
 
@@ -474,12 +481,12 @@ def orpo(x: LossInputs) -> tuple[Tensor, dict]:
 
     NLL_chosen = -sum(pi_c) / sum(L_c) (the token-mean cross-entropy over the batch's chosen
     tokens). Metrics as in TRL: nll_loss, log_odds_ratio (the mean log sigma term) and
-    log_odds_chosen (the mean log-odds difference).
+    log_odds_chosen (the mean log-odds difference). `nll_denominator`: see `sft`.
     """
     avg_c, avg_r = x.policy(normalized=True)
     log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
     ratio = F.logsigmoid(log_odds)
-    nll = _chosen_nll(x)
+    nll = _chosen_nll(x, nll_denominator)
     metrics = {
         "nll_loss": nll.detach(),
         "log_odds_ratio": ratio.detach().mean(),
@@ -489,12 +496,16 @@ def orpo(x: LossInputs) -> tuple[Tensor, dict]:
 
 
 @register_loss("sft", needs_reference=False, needs_lengths=True)
-def sft(x: LossInputs) -> tuple[Tensor, dict]:
+def sft(x: LossInputs, *, nll_denominator: float | Tensor | None = None) -> tuple[Tensor, dict]:
     """Supervised NLL on the chosen completions: -sum(pi_c) / sum(L_c), the token-mean cross
     entropy over the batch's chosen tokens. Combined with a DPO loss it is RPO (Pang et al. 2024,
     "Iterative Reasoning Preference Optimization", arXiv 2404.19733): loss={"sigmoid": 1.0,
-    "sft": alpha}. Reported as the metric "nll_loss" (TRL's name)."""
-    nll = _chosen_nll(x)
+    "sft": alpha}. Reported as the metric "nll_loss" (TRL's name).
+
+    `nll_denominator` replaces sum(L_c) (default: this batch's chosen tokens). Gradient
+    accumulation passes it so that micro-batches weighted by their share of the step's pairs
+    add up to the step's token mean: step_chosen_tokens * batch_pairs / step_pairs."""
+    nll = _chosen_nll(x, nll_denominator)
     return nll, {"nll_loss": nll.detach()}
 
 

@@ -134,9 +134,7 @@ class Fingerprint:
         mine = self.to_flat()
         if isinstance(expect, Fingerprint):
             wanted = expect.to_flat()
-            # Settings present on only one side differ too (the missing side reads None).
-            for name in mine:
-                wanted.setdefault(name, None)
+            names = list(dict.fromkeys([*mine, *wanted]))
         else:
             wanted = dict(expect)
             unknown = [n for n in wanted if n not in mine and not n.startswith("tokenization.")]
@@ -144,12 +142,26 @@ class Fingerprint:
                 raise KeyError(
                     f"unknown fingerprint field(s) {unknown}: known fields are {sorted(mine)}"
                 )
+            names = list(wanted)
+        # A setting present on only one side differs whatever its value (None too).
         diffs = [
-            (name, mine.get(name), value)
-            for name, value in wanted.items()
-            if _normalize(mine.get(name)) != _normalize(value)
+            (name, mine.get(name, ABSENT), wanted.get(name, ABSENT))
+            for name in names
+            if name not in mine
+            or name not in wanted
+            or _normalize(mine[name]) != _normalize(wanted[name])
         ]
         return sorted(diffs, key=lambda d: (_field_rank(d[0]), d[0]))
+
+
+class _Absent:
+    """The value of a field one side of a comparison does not have."""
+
+    def __repr__(self) -> str:
+        return "absent"
+
+
+ABSENT = _Absent()
 
 
 def describe_differences(diffs: Iterable[tuple[str, Any, Any]]) -> str:

@@ -172,20 +172,9 @@ def test_each_differing_field_is_refused_by_name(cache, field, form):
     assert f"{field} (" in str(error)
 
 
-# Known gap (issue 17): `Fingerprint.differences` reads a missing setting as None, so a setting
-# recorded as None (max_prompt_length's default) on one side only compares equal. Strict: the
-# case fails loudly once fixed, and the marker must go.
-_NONE_READS_AS_ABSENT = pytest.mark.xfail(
-    strict=True, reason="a setting recorded as None reads as absent (Fingerprint.differences)"
-)
-
-
 @pytest.mark.parametrize(
     "key",
-    [
-        pytest.param(key, marks=_NONE_READS_AS_ABSENT) if SETTINGS[key] is None else key
-        for key in TOKENIZATION_KEYS
-    ],
+    [key for key in TOKENIZATION_KEYS],
 )
 def test_a_setting_only_the_cache_has_is_refused(cache, key):
     """A whole expected Fingerprint lacking a setting the cache recorded: they differ."""
@@ -200,8 +189,8 @@ def test_a_setting_only_the_cache_has_is_refused(cache, key):
     [
         ("fingerprint", "chatml"),
         ("fields", "chatml"),
-        pytest.param("fingerprint", None, marks=_NONE_READS_AS_ABSENT),
-        pytest.param("fields", None, marks=_NONE_READS_AS_ABSENT),
+        ("fingerprint", None),
+        ("fields", None),
     ],
 )
 def test_a_setting_only_the_run_has_is_refused(cache, form, value):

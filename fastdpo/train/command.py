@@ -118,7 +118,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         rest, [n for n in fields if n not in TOKENIZATION_FIELDS], with_defaults=False
     )
     params = parser.add_argument_group("loss parameters (by registry name)")
-    for name in sorted(loss_parameter_names() - {"bco_state", "kl_policy_logps", "kl_ref_logps"}):
+    internal = {"bco_state", "nll_denominator", "kl_policy_logps", "kl_ref_logps"}
+    for name in sorted(loss_parameter_names() - internal):
         params.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,

@@ -46,6 +46,13 @@ _TRL_KEYS = {
 }
 
 
+_TRAINER_OWNED_PARAMS = {
+    "bco_state": "it carries BCO's running reward mean across steps",
+    "nll_denominator": "the step's chosen tokens, so accumulation keeps the token mean",
+}
+"""Loss parameters the trainer computes; a config that sets them is refused."""
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """One DPO training run. Field names follow TRL's `DPOConfig` / HF `TrainingArguments`."""
@@ -334,8 +341,9 @@ class TrainConfig:
                     f"{key}: not a parameter of loss {self.loss!r} (its parameters: "
                     f"{sorted(accepted) or 'none'})"
                 )
-        if "bco_state" in self.loss_params:
-            raise ConfigError("bco_state: the trainer keeps BCO's running mean itself")
+        for key, why in _TRAINER_OWNED_PARAMS.items():
+            if key in self.loss_params:
+                raise ConfigError(f"{key}: set by the trainer itself ({why})")
         needs_reference = any(spec.needs_reference for spec in specs)
         if self.reference == "none" and needs_reference:
             raise ConfigError(

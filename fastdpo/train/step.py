@@ -6,6 +6,8 @@ micro-batches: each micro-batch's mean loss is weighted by its share of the step
 parallelism) before backward, so accumulating 4 micro-batches gives the gradient of one.
 Metrics are combined the same way (pair-weighted means), on the device, without host syncs.
 
+Token means (the NLL of sft, orpo and RPO) are over the step's chosen tokens: each micro-batch
+gets `nll_denominator` = step chosen tokens x its pair share, so the weighted sum is exact.
 Losses with batch statistics: BCO's running reward mean is updated micro-batch by micro-batch
 (so a step split into several micro-batches sees the mean of the pairs before it, not of the
 whole step); the trainer carries it across steps and checkpoints.
@@ -53,13 +55,31 @@ class StepOutput:
     micro_losses: list[torch.Tensor]
 
 
+def takes_nll_denominator(loss: Any) -> bool:
+    """True if a component of `loss` averages an NLL over chosen tokens (sft, orpo)."""
+    from fastdpo.losses import LOSSES
+
+    names = [loss] if isinstance(loss, str) else list(loss)
+    return any("nll_denominator" in LOSSES[name].params for name in names)
+
+
+def chosen_tokens(batch: PackedBatch) -> int:
+    """Completion tokens of the chosen sequences of a paired batch (host-side count)."""
+    return int(batch.completion_lengths[0::2].sum())
+
+
 def batch_loss(
     model: torch.nn.Module,
     batch: PackedBatch,
     reference: ReferenceCache | None,
     settings: LossSettings,
+    *,
+    nll_denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean loss over the pairs of one packed micro-batch (on the model's device) + metrics."""
+    """Mean loss over the pairs of one packed micro-batch (on the model's device) + metrics.
+
+    `nll_denominator`: for token-mean NLL terms (sft, orpo), what they divide by (see the
+    module docstring); None: the batch's own chosen tokens."""
     out = sequence_logps(model, batch)
     ref_chosen = ref_rejected = None
     if reference is not None:
@@ -68,6 +88,8 @@ def batch_loss(
     params = dict(settings.params)
     if settings.bco_state is not None:
         params["bco_state"] = settings.bco_state
+    if nll_denominator is not None and takes_nll_denominator(settings.loss):
+        params["nll_denominator"] = nll_denominator
     loss, metrics = preference_loss(
         out.chosen,
         out.rejected,
@@ -89,6 +111,7 @@ def train_step(
     batches: Iterable[PackedBatch],
     *,
     step_pairs: int,
+    step_chosen_tokens: int | None = None,
     reference: ReferenceCache | None,
     settings: LossSettings,
     device: torch.device,
@@ -97,8 +120,13 @@ def train_step(
     """Forward + backward of every micro-batch; gradients accumulate in `.grad`.
 
     `step_pairs` is the number of pairs of the whole (global) step: each micro-batch's loss is
-    scaled by its pairs / step_pairs. `autocast` is a context-manager factory (precision).
+    scaled by its pairs / step_pairs. `step_chosen_tokens` (global too) is what token-mean NLL
+    terms average over; None: the sum over these micro-batches. `autocast` is a
+    context-manager factory (precision).
     """
+    batches = list(batches)
+    if step_chosen_tokens is None:
+        step_chosen_tokens = sum(chosen_tokens(b) for b in batches)
     total = torch.zeros((), device=device)
     sums: dict[str, torch.Tensor] = {}
     pairs = tokens = 0
@@ -108,7 +136,13 @@ def train_step(
         batch = batch.to(device, non_blocking=True)
         share = batch.num_examples / step_pairs
         with autocast():
-            loss, metrics = batch_loss(model, batch, reference, settings)
+            loss, metrics = batch_loss(
+                model,
+                batch,
+                reference,
+                settings,
+                nll_denominator=max(step_chosen_tokens, 1) * share,
+            )
         (loss * share).backward()
         total += loss.detach() * share
         _accumulate(sums, metrics, share)
@@ -141,6 +175,7 @@ def evaluate_batches(
     total_pairs = sum(b.num_examples for b in batches)
     if total_pairs == 0:
         return {}
+    total_chosen_tokens = max(sum(chosen_tokens(b) for b in batches), 1)
     eval_settings = LossSettings(
         loss=settings.loss,
         beta=settings.beta,
@@ -156,7 +191,13 @@ def evaluate_batches(
             batch = batch.to(device, non_blocking=True)
             share = batch.num_examples / total_pairs
             with autocast():
-                loss, metrics = batch_loss(model, batch, reference, eval_settings)
+                loss, metrics = batch_loss(
+                    model,
+                    batch,
+                    reference,
+                    eval_settings,
+                    nll_denominator=total_chosen_tokens * share,
+                )
             total += loss.detach() * share
             _accumulate(sums, metrics, share)
     finally:

@@ -130,6 +130,10 @@ class Trainer:
             loss=config.loss, beta=config.beta, params=dict(config.loss_params)
         )
         self._sizes = [p.num_tokens for p in self.data.train]
+        self._chosen_tokens = [
+            len(p.chosen_ids) if p.chosen_loss_mask is None else sum(p.chosen_loss_mask)
+            for p in self.data.train
+        ]
         self._stop_signal: int | None = None
         self.log = MetricsLog(self.output_dir, enabled=self.is_main, report_to=config.report_to)
         if self.checkpoint is not None:
@@ -283,6 +287,7 @@ class Trainer:
             self.model,
             batches,
             step_pairs=len(pairs),
+            step_chosen_tokens=sum(self._chosen_tokens[i] for i in pairs),
             reference=self.reference.train,
             settings=self.loss_settings,
             device=self.device,
