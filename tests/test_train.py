@@ -103,6 +103,29 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(key, value, expec
     assert str(error.value).startswith(expected)
 
 
+def test_yaml_scientific_notation_and_schedulers(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndata: d\nlearning_rate: 5e-7\nadam_epsilon: 1e-8\n")
+    config = TrainConfig.from_yaml(path)  # PyYAML reads 5e-7 (no dot) as a string
+    assert (config.learning_rate, config.adam_epsilon) == (5e-7, 1e-8)
+    with pytest.raises(ConfigError, match="reduce_lr_on_plateau' needs arguments"):
+        TrainConfig(model="m", data="d", lr_scheduler_type="reduce_lr_on_plateau")
+    from transformers import SchedulerType
+
+    from fastdpo.train.optim import build_optimizer, build_scheduler
+
+    model = torch.nn.Linear(2, 2)
+    for kind in SchedulerType:
+        try:
+            config = TrainConfig(model="m", data="d", lr_scheduler_type=kind.value)
+        except ConfigError:
+            continue
+        optimizer = build_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, config, total_steps=4)
+        optimizer.step()
+        scheduler.step()  # every accepted name steps without extra arguments
+
+
 def test_yaml_with_overrides_round_trips(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(
@@ -306,7 +329,9 @@ def test_a_run_learns_and_writes_what_it_promises(model_dir, data_file, tmp_path
     )
     assert (out / "curves.png").stat().st_size > 0
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    # the final model loads with plain transformers and scores the data better than before
+    # the final model loads with plain transformers and prefers the chosen held-out answers
+    assert eval_rows[-1]["eval/rewards/margins"] > 0.05
+    assert eval_rows[-1]["eval/loss"] < 0.693147 - 0.02
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final = AutoModelForCausalLM.from_pretrained(result.final_dir)
@@ -318,24 +343,62 @@ def test_a_run_learns_and_writes_what_it_promises(model_dir, data_file, tmp_path
     assert moved > 0
 
 
-def test_a_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(model_dir, data_file, tmp_path):
-    whole = Trainer(
-        make_config(model_dir, data_file, tmp_path / "a", max_steps=5, save_steps=2)
-    ).train()
-    config = make_config(model_dir, data_file, tmp_path / "b", max_steps=5, save_steps=2)
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-dropout"])
+def test_a_resumed_run_logs_the_same_rows_as_an_uninterrupted_one(
+    model_dir, data_file, tmp_path, lora
+):
+    """Resumed at step 3, inside a logging window of 2 steps (the window is in the checkpoint),
+    with LoRA dropout drawing from the restored RNG in the LoRA case."""
     import shutil
 
+    extra = {"lora_r": 4, "lora_dropout": 0.3} if lora else {}
+    settings = dict(max_steps=6, save_steps=1, logging_steps=2, **extra)
+    whole = Trainer(make_config(model_dir, data_file, tmp_path / "a", **settings)).train()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    for later in ("checkpoint-4", "checkpoint-5", "final"):
-        shutil.rmtree(tmp_path / "b" / later, ignore_errors=True)
-    config.resume_from_checkpoint = str(tmp_path / "b" / "checkpoint-2")
+    for later in ("checkpoint-4", "checkpoint-5", "checkpoint-6", "final"):
+        shutil.rmtree(tmp_path / "b" / later)
+    config = make_config(
+        model_dir,
+        data_file,
+        tmp_path / "b",
+        **settings,
+        resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"),
+    )
     resumed = Trainer(config).train()
-    expected = train_losses(whole.history)
-    got = train_losses(resumed.history)
-    assert sorted(got) == [1, 2, 3, 4, 5]
-    for step in (3, 4, 5):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
-    assert got[3] != pytest.approx(got[2])  # the steps really trained
+    expected = {r["step"]: r for r in whole.history}
+    got = {r["step"]: r for r in resumed.history}
+    assert sorted(got) == [2, 4, 6]
+    for step in (4, 6):
+        for key in ("loss", "grad_norm", "rewards/margins", "learning_rate"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-6, abs=1e-7), (
+                step,
+                key,
+            )
+    assert got[6]["loss"] < got[2]["loss"]  # the steps really trained
+
+
+def test_a_resume_with_other_data_order_settings_is_refused(model_dir, data_file, tmp_path):
+    Trainer(make_config(model_dir, data_file, tmp_path, max_steps=1)).train()
+    with pytest.raises(ConfigError, match=r"seed \(42 -> 7\)"):
+        Trainer(
+            make_config(
+                model_dir, data_file, tmp_path, max_steps=2, seed=7, resume_from_checkpoint="latest"
+            )
+        )
+
+
+def test_a_fresh_run_over_another_run_is_refused_unless_overwrite(model_dir, data_file, tmp_path):
+    Trainer(make_config(model_dir, data_file, tmp_path, max_steps=1)).train()
+    with pytest.raises(ConfigError, match=r"output_dir: .* holds another run"):
+        Trainer(make_config(model_dir, data_file, tmp_path, max_steps=1))
+    trainer = Trainer(
+        make_config(model_dir, data_file, tmp_path, max_steps=2, overwrite_output_dir=True)
+    )
+    assert not trainer.reference.built  # the kept cache matched
+    assert not (tmp_path / "checkpoint-1").exists()
+    trainer.train()
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2]
 
 
 def test_latest_resumes_from_the_newest_checkpoint(model_dir, data_file, tmp_path):
@@ -390,6 +453,49 @@ def test_sigterm_saves_a_checkpoint_and_returns(model_dir, data_file, tmp_path, 
     assert result.global_step == 2 and result.final_dir is None
     assert result.last_checkpoint == tmp_path / "checkpoint-2"
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_signal_during_the_last_step_lets_the_run_finish(
+    model_dir, data_file, tmp_path, monkeypatch
+):
+    from fastdpo.train import trainer as trainer_module
+
+    real_step = trainer_module.train_step
+    calls = {"n": 0}
+
+    def signal_in_last_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", signal_in_last_step)
+    result = Trainer(make_config(model_dir, data_file, tmp_path, max_steps=2)).train()
+    assert not result.interrupted and result.final_dir == tmp_path / "final"
+
+
+def test_a_non_finite_gradient_names_the_last_good_checkpoint(
+    model_dir, data_file, tmp_path, monkeypatch
+):
+    from fastdpo.train import trainer as trainer_module
+
+    trainer = Trainer(make_config(model_dir, data_file, tmp_path, max_steps=3, save_steps=1))
+    real_step = trainer_module.train_step
+    calls = {"n": 0}
+
+    def poison_gradients_in_step_2(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            next(trainer.model.parameters()).grad[0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(trainer_module, "train_step", poison_gradients_in_step_2)
+    with pytest.raises(NonFiniteLossError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert message.startswith("step 2: non-finite gradient norm")
+    assert f"last good checkpoint: {tmp_path / 'checkpoint-1'}" in message
 
 
 def test_a_non_finite_loss_stops_the_run_naming_step_and_examples(

@@ -41,6 +41,10 @@ class TrainerState:
     bco_mean: float | None = None
     """BCO's running reward mean (float64 as a Python float) and its count."""
     bco_count: float | None = None
+    window: dict[str, Any] | None = None
+    """The logging window in progress (`LogWindow.to_state()`), None at a logged step."""
+    reference_caches: dict[str, str] | None = None
+    """The reference cache folder each split read (it may be another run's, by fingerprint)."""
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -143,10 +147,84 @@ def load_training_state(
     path: Path, *, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> TrainerState:
     """Restore optimizer, scheduler and RNG states from a checkpoint; return its state."""
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
+
+    # map_location: a checkpoint written on a GPU resumes on the CPU too (the optimizer moves
+    # its state to the parameters' device when loading it).
+    def load(name: str):
+        return torch.load(path / name, weights_only=True, map_location="cpu")
+
+    optimizer.load_state_dict(load("optimizer.pt"))
+    scheduler.load_state_dict(load("scheduler.pt"))
+    _set_rng_state(load("rng_state.pt"))
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+RUN_FILES = ("metrics.jsonl", "curves.png", "config.yaml", "final", "tensorboard")
+"""What a run writes in output_dir besides checkpoints (the reference cache is kept)."""
+
+RESUME_KEYS = (
+    "data",
+    "data_split",
+    "eval_data",
+    "eval_fraction",
+    "seed",
+    "pairs_per_step",
+    "loss",
+    "beta",
+    "loss_params",
+    "max_length",
+    "max_prompt_length",
+    "prompt_truncation",
+    "loss_on",
+    "add_eos",
+    "text_as_chat",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+)
+"""Keys that decide which pairs a step trains on and what it optimizes: fixed across a resume."""
+
+
+def prepare_output_dir(output_dir: Path, *, overwrite: bool) -> None:
+    """Refuse to start a fresh run over another run's outputs unless `overwrite` (then they are
+    deleted, and the reference cache is kept for reuse by fingerprint)."""
+    from fastdpo.train.config import ConfigError
+
+    found = checkpoint_dirs(output_dir) + [
+        output_dir / name for name in RUN_FILES[:2] + RUN_FILES[3:4] if (output_dir / name).exists()
+    ]
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"output_dir: {output_dir} holds another run ({', '.join(p.name for p in found[:3])}"
+            "); continue it with resume_from_checkpoint: latest, choose another output_dir, or "
+            "set overwrite_output_dir: true to start afresh there"
+        )
+    for path in checkpoint_dirs(output_dir) + [output_dir / name for name in RUN_FILES]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    logger.warning("overwrite_output_dir: removed the previous run's outputs in %s", output_dir)
+
+
+def check_resumable(config: Any, checkpoint: Path) -> None:
+    """ConfigError naming each key that differs from the checkpoint's config (the data order or
+    the objective would change silently)."""
+    import yaml
+
+    from fastdpo.train.config import ConfigError
+
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    now = config.resolved().saved_dict()
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now.get(k)]
+    if changed:
+        listed = ", ".join(f"{k} ({saved[k]!r} -> {now.get(k)!r})" for k in changed)
+        raise ConfigError(
+            f"resume_from_checkpoint: {checkpoint} was trained with other settings: {listed}; "
+            "resume with the checkpoint's config.yaml, or start a new run"
+        )
 
 
 def _fsync_tree(folder: Path) -> None:

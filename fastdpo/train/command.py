@@ -77,24 +77,33 @@ def add_config_options(
         if str(f.type) == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
+        kinds = {k.strip() for k in str(f.type).split("|")}
         if name in _CHOICES:
             kwargs["choices"] = _CHOICES[name]
-        elif "int" in str(f.type) and "float" not in str(f.type):
-            kwargs["type"] = _int_or_null
-            kwargs["metavar"] = "N"
-        else:
-            kwargs["type"] = _yaml_value
-            kwargs["metavar"] = "VALUE"
+        elif "int" in kinds:
+            kwargs.update(type=_or_null(int, "an integer"), metavar="N")
+        elif "float" in kinds:
+            kwargs.update(type=_or_null(float, "a number"), metavar="X")
+        elif "str" in kinds:  # text stays text (YAML would read 2024-06-01 as a date)
+            kwargs.update(type=_or_null(str, "text") if "None" in kinds else str, metavar="TEXT")
+        else:  # Any: a YAML value (a mapping for `loss`, a list of module names, ...)
+            kwargs.update(type=_yaml_value, metavar="VALUE")
         parser.add_argument(flag, **kwargs)
 
 
-def _int_or_null(text: str) -> int | None:
-    if text.lower() in ("null", "none"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or null, got {text!r}") from None
+def _or_null(convert, what: str):
+    """An argparse type: `convert(text)`, or None for "null"."""
+
+    def parse(text: str):
+        if text.lower() in ("null", "none"):
+            return None
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or null, got {text!r}") from None
+
+    parse.__name__ = convert.__name__  # argparse names the type in its messages
+    return parse
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -159,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         config = TrainConfig.from_yaml(args.config, overrides)
         trainer = Trainer(config)
         result = trainer.train()
-    except (ConfigError, BadRowError, ReferenceCacheError, FileNotFoundError) as error:
+    except (ConfigError, BadRowError, ReferenceCacheError, FileNotFoundError, ValueError) as error:
         print(f"fastdpo train: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:

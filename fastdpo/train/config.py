@@ -46,6 +46,17 @@ _TRL_KEYS = {
 }
 
 
+_SCHEDULERS_NEEDING_ARGS = frozenset(
+    {
+        "reduce_lr_on_plateau",
+        "greedy",
+        "cosine_with_min_lr",
+        "cosine_warmup_with_min_lr",
+        "warmup_stable_decay",
+    }
+)
+"""transformers schedulers that need scheduler kwargs or eval metrics in step()."""
+
 _TRAINER_OWNED_PARAMS = {
     "bco_state": "it carries BCO's running reward mean across steps",
     "nll_denominator": "the step's chosen tokens, so accumulation keeps the token mean",
@@ -161,6 +172,9 @@ class TrainConfig:
     """Keep at most this many checkpoints (oldest deleted first; null: keep all)."""
     resume_from_checkpoint: str | None = None
     """A checkpoint folder, or "latest" (newest in output_dir), to continue a run."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that holds another run's checkpoints or metrics (they are
+    deleted; its reference cache is kept for reuse)."""
     progress: bool = True
     """Show a progress bar."""
     report_to: str = "auto"
@@ -233,17 +247,26 @@ class TrainConfig:
         """Every field, JSON/YAML-friendly."""
         return dataclasses.asdict(self)
 
+    def saved_dict(self) -> dict[str, Any]:
+        """`to_dict()` as written to YAML: data given as Python objects is described, not kept."""
+        data = self.to_dict()
+        for key in ("data", "eval_data"):
+            if not isinstance(data[key], (str, type(None))):
+                data[key] = f"<{type(data[key]).__name__} given in Python>"
+        return data
+
     def save_yaml(self, path: str | Path) -> None:
         """Write the config as YAML (atomically: a temporary file, then rename)."""
         path = Path(path)
-        data = self.to_dict()
-        if not isinstance(data["data"], (str, type(None))):
-            data["data"] = f"<{type(self.data).__name__} given in Python>"
-        if not isinstance(data["eval_data"], (str, type(None))):
-            data["eval_data"] = f"<{type(self.eval_data).__name__} given in Python>"
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        tmp.write_text(yaml.safe_dump(self.saved_dict(), sort_keys=False))
         tmp.replace(path)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the defaults that depend on other keys filled in (tokenizer, ref_model)."""
+        return dataclasses.replace(
+            self, tokenizer=self.tokenizer_path, ref_model=self.ref_model_path
+        )
 
     # -- derived values --------------------------------------------------------------------
 
@@ -354,7 +377,12 @@ class TrainConfig:
     def _validate_scheduler(self) -> None:
         from transformers import SchedulerType
 
-        allowed = [t.value for t in SchedulerType]
+        allowed = [t.value for t in SchedulerType if t.value not in _SCHEDULERS_NEEDING_ARGS]
+        if self.lr_scheduler_type in _SCHEDULERS_NEEDING_ARGS:
+            raise ConfigError(
+                f"lr_scheduler_type: {self.lr_scheduler_type!r} needs arguments or metrics the "
+                f"trainer does not pass; allowed: {', '.join(allowed)}"
+            )
         if self.lr_scheduler_type not in allowed:
             raise ConfigError(
                 f"lr_scheduler_type: got {self.lr_scheduler_type!r}; allowed: {', '.join(allowed)}"
@@ -411,12 +439,22 @@ _SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)
 
 
 def _check_types(config: TrainConfig) -> None:
-    """Values of annotated scalar fields have the annotated type (bools are not ints)."""
+    """Values of annotated scalar fields have the annotated type (bools are not ints).
+
+    A float field given a numeric string takes its value: YAML 1.1 (PyYAML) reads `5e-7`
+    (no dot) as a string, the usual way learning rates are written."""
     for f in dataclasses.fields(config):
         kinds = [k.strip() for k in str(f.type).split("|")]
         if "Any" in kinds or f.name == "loss_params":
             continue
         value = getattr(config, f.name)
+        if "float" in kinds and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+            else:
+                setattr(config, f.name, value)
         if value is None and "None" in kinds:
             continue
         allowed = tuple(t for k in kinds for t in _SCALARS.get(k, ()))

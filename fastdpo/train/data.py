@@ -9,6 +9,7 @@ boundaries and the step's loss is normalized by the global pair count.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -122,7 +123,7 @@ class StepPlan:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """int64 [num_pairs]: the pair indices of `epoch`, in training order."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
+        return _permutation(self.seed, epoch, self.num_pairs)
 
     def step_pairs(self, epoch: int, step_in_epoch: int) -> list[int]:
         """Indices of the pairs of one step (global, before splitting across ranks)."""
@@ -133,6 +134,13 @@ class StepPlan:
     def position(self, global_step: int) -> tuple[int, int]:
         """(epoch, step within the epoch) of the step after `global_step` finished steps."""
         return divmod(global_step, self.steps_per_epoch)
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(seed: int, epoch: int, count: int) -> np.ndarray:
+    order = np.random.default_rng([seed, epoch]).permutation(count)
+    order.flags.writeable = False  # shared by every step of the epoch
+    return order
 
 
 def total_steps(config: TrainConfig, plan: StepPlan) -> int:

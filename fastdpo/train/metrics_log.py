@@ -8,11 +8,15 @@ else a one-line note says how to get it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 logger = logging.getLogger("fastdpo.train")
 
@@ -24,6 +28,70 @@ _PANELS = (
     ("reward accuracy", ("rewards/accuracies", "eval/rewards/accuracies")),
     ("reward margin", ("rewards/margins", "eval/rewards/margins")),
 )
+
+
+class LogWindow:
+    """The steps since the last logged row: their values (device scalars until logged), tokens,
+    pairs, packed capacity and training time. Saved in checkpoints, so a run resumed mid-window
+    logs the row an uninterrupted run would."""
+
+    def __init__(self) -> None:
+        self.values: list[dict[str, Any]] = []
+        self.tokens = self.pairs = self.capacity = 0
+        self._seconds_before = 0.0  # time in earlier sessions (resume) or before a pause
+        self._start = time.perf_counter()
+
+    def add(
+        self, values: dict[str, Any], learning_rate: float, tokens: int, pairs: int, capacity: int
+    ) -> None:
+        self.values.append({**values, "learning_rate": learning_rate})
+        self.tokens += tokens
+        self.pairs += pairs
+        self.capacity += capacity
+
+    def seconds(self) -> float:
+        return self._seconds_before + time.perf_counter() - self._start
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time inside is not training time (evaluation, checkpoints)."""
+        self._seconds_before = self.seconds()
+        try:
+            yield
+        finally:
+            self._start = time.perf_counter()
+
+    def means(self) -> dict[str, float]:
+        """Per key, the mean over the window's steps that have it."""
+        keys = list(dict.fromkeys(k for row in self.values for k in row))
+        return {
+            key: sum(_as_float(row[key]) for row in self.values if key in row)
+            / sum(1 for row in self.values if key in row)
+            for key in keys
+        }
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain numbers for trainer_state.json."""
+        return {
+            "values": [{k: _as_float(v) for k, v in row.items()} for row in self.values],
+            "tokens": self.tokens,
+            "pairs": self.pairs,
+            "capacity": self.capacity,
+            "seconds": self.seconds(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> LogWindow:
+        window = cls()
+        if state:
+            window.values = [dict(row) for row in state["values"]]
+            window.tokens, window.pairs = state["tokens"], state["pairs"]
+            window.capacity, window._seconds_before = state["capacity"], state["seconds"]
+        return window
+
+
+def _as_float(value: Any) -> float:
+    return float(value.float()) if isinstance(value, torch.Tensor) else float(value)
 
 
 class MetricsLog:

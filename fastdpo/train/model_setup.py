@@ -39,12 +39,10 @@ def weight_dtype(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
 
 
-def reference_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    """Dtype of the reference pass: bf16 for "bfloat16", and for "auto" on CUDA (no gradients,
-    so bf16 is enough there); fp32 otherwise."""
-    if config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
+def reference_dtype(config: TrainConfig) -> torch.dtype:
+    """Weights dtype of the reference pass: the policy's, so that with `dtype: auto` the pass
+    runs under the same bf16 autocast and the policy equals the reference at step 0."""
+    return weight_dtype(config)
 
 
 def autocast_context(config: TrainConfig, device: torch.device):

@@ -11,6 +11,7 @@ Train and eval pairs get one cache each (`train/`, `eval/`), so their example id
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 
 from fastdpo.data.types import TokenizedPair
 from fastdpo.reference import ReferenceCache
-from fastdpo.reference_fingerprint import expected_fields, tokenization_settings
+from fastdpo.reference_fingerprint import expected_fields, model_dtype, tokenization_settings
 from fastdpo.reference_shards import ReferenceCacheError
 from fastdpo.train.config import ConfigError, TrainConfig
 
@@ -39,6 +40,14 @@ class RunReference:
     built: bool = False
     """True if this run computed the caches (False: reused or given)."""
 
+    def paths(self) -> dict[str, str]:
+        """Split -> cache folder, for the run's records."""
+        return {
+            name: str(cache.path)
+            for name, cache in (("train", self.train), ("eval", self.eval))
+            if cache is not None
+        }
+
 
 def prepare_reference(
     config: TrainConfig,
@@ -47,8 +56,10 @@ def prepare_reference(
     *,
     device: torch.device,
     load_model,
+    autocast=contextlib.nullcontext,
 ) -> RunReference:
-    """The caches the run reads; `load_model(path)` loads the reference model when needed."""
+    """The caches the run reads; `load_model(path)` loads the reference model when needed and
+    the pass runs under `autocast()` (the policy's precision)."""
     if not config.needs_reference:
         return RunReference()
     if config.reference == "none":  # validated: only for reference-free losses
@@ -66,6 +77,7 @@ def prepare_reference(
             expect = expected_fields(
                 model=model, tokenizer=tokenizer, tokenization=settings, examples=pairs
             )
+            expect["dtype"] = model_dtype(model)  # a bf16 pass is not an fp32 one
             found = _find_matching(candidates, name, expect)
             if found is not None:
                 logger.info("reusing the %s reference cache %s (fingerprint matches)", name, found)
@@ -78,17 +90,8 @@ def prepare_reference(
             logger.info(
                 "computing reference log-probs of %d %s pairs into %s", len(pairs), name, out
             )
-            budget = config.reference_max_tokens_per_batch or 4 * config.max_tokens_per_batch
-            caches[name] = ReferenceCache.build(
-                model.to(device),
-                pairs,
-                out,
-                tokenizer=tokenizer,
-                tokenization=settings,
-                max_tokens_per_batch=max(budget, config.max_tokens_per_batch),
-                overwrite=True,
-                progress=config.progress,
-            )
+            with autocast():
+                caches[name] = _build(model, pairs, out, tokenizer, settings, config, device)
             built = True
     finally:
         del model
@@ -98,6 +101,20 @@ def prepare_reference(
     for name, pairs in wanted.items():
         caches[name].check_coverage(pairs)
     return RunReference(**caches, built=built)
+
+
+def _build(model, pairs, out, tokenizer, settings, config, device) -> ReferenceCache:
+    budget = config.reference_max_tokens_per_batch or 4 * config.max_tokens_per_batch
+    return ReferenceCache.build(
+        model.to(device),
+        pairs,
+        out,
+        tokenizer=tokenizer,
+        tokenization=settings,
+        max_tokens_per_batch=max(budget, config.max_tokens_per_batch),
+        overwrite=True,
+        progress=config.progress,
+    )
 
 
 def _candidate_roots(output_dir: Path) -> list[Path]:

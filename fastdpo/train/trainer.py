@@ -18,7 +18,6 @@ import math
 import resource
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,10 @@ import torch
 
 from fastdpo.train.checkpoint import (
     TrainerState,
+    check_resumable,
     checkpoint_dirs,
     load_training_state,
+    prepare_output_dir,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -41,7 +42,7 @@ from fastdpo.train.data import (
     rank_share,
     total_steps,
 )
-from fastdpo.train.metrics_log import MetricsLog
+from fastdpo.train.metrics_log import LogWindow, MetricsLog
 from fastdpo.train.model_setup import (
     autocast_context,
     count_parameters,
@@ -102,6 +103,15 @@ class Trainer:
                 f"{key}: cannot load a tokenizer from {config.tokenizer_path!r}: "
                 f"{str(error).splitlines()[0]}"
             ) from None
+        self.checkpoint = (
+            resolve_checkpoint(config.resume_from_checkpoint, self.output_dir)
+            if config.resume_from_checkpoint
+            else None
+        )
+        if self.checkpoint is not None:
+            check_resumable(config, self.checkpoint)
+        elif self.is_main:
+            prepare_output_dir(self.output_dir, overwrite=config.overwrite_output_dir)
         self.data = load_run_data(config, self.tokenizer)
         self.reference = prepare_reference(
             config,
@@ -109,11 +119,7 @@ class Trainer:
             {"train": self.data.train, "eval": self.data.eval},
             device=self.device,
             load_model=self._load_reference_model,
-        )
-        self.checkpoint = (
-            resolve_checkpoint(config.resume_from_checkpoint, self.output_dir)
-            if config.resume_from_checkpoint
-            else None
+            autocast=self._autocast,
         )
         self.model = load_policy(config, self.device, self.checkpoint)
         trainable, total = count_parameters(self.model)
@@ -125,7 +131,9 @@ class Trainer:
         self.total_steps = total_steps(config, self.plan)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
-        self.state = TrainerState(total_steps=self.total_steps)
+        self.state = TrainerState(
+            total_steps=self.total_steps, reference_caches=self.reference.paths()
+        )
         self.loss_settings = LossSettings(
             loss=config.loss, beta=config.beta, params=dict(config.loss_params)
         )
@@ -140,12 +148,12 @@ class Trainer:
             self._restore(self.checkpoint)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            config.save_yaml(self.output_dir / "config.yaml")
+            config.resolved().save_yaml(self.output_dir / "config.yaml")
 
     # -- set-up helpers ----------------------------------------------------------------------
 
     def _load_reference_model(self, path: str):
-        dtype = reference_dtype(self.config, self.device)
+        dtype = reference_dtype(self.config)
         return load_causal_lm(path, self.config, dtype, self.device).eval()
 
     def _restore(self, checkpoint: Path) -> None:
@@ -166,6 +174,7 @@ class Trainer:
                 mean=torch.tensor(self.state.bco_mean, dtype=torch.float64, device=self.device),
                 count=torch.tensor(self.state.bco_count, dtype=torch.float64, device=self.device),
             )
+        self.state.reference_caches = self.reference.paths()
         self.log.resume(self.state.global_step)
         logger.info("resumed from %s at step %d", checkpoint, self.state.global_step)
 
@@ -179,9 +188,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         config = self.config
-        window: list[dict[str, Any]] = []
-        window_start = time.perf_counter()
-        window_tokens = window_pairs = window_capacity = 0
+        window = LogWindow.from_state(self.state.window)
         last_checkpoint = self.checkpoint
         bar = tqdm(
             total=self.total_steps,
@@ -206,37 +213,29 @@ class Trainer:
                 self.state.epoch = self.state.global_step / self.plan.steps_per_epoch
                 bar.update(1)
 
-                window.append(
-                    {
-                        "loss": out.loss,
-                        "grad_norm": grad_norm,
-                        **out.metrics,
-                        "learning_rate": learning_rate,
-                    }
-                )
-                window_tokens += out.tokens
-                window_pairs += out.pairs
-                window_capacity += capacity
+                values = {"loss": out.loss, "grad_norm": grad_norm, **out.metrics}
+                window.add(values, learning_rate, out.tokens, out.pairs, capacity)
                 step = self.state.global_step
                 if step % config.logging_steps == 0 or step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    row = self._log_row(
-                        window, elapsed, window_tokens, window_pairs, window_capacity
-                    )
+                    row = self._log_row(window)
                     self.log.write(row)
                     bar.set_postfix(
                         loss=f"{row['loss']:.4f}",
                         acc=f"{row.get('rewards/accuracies', float('nan')):.2f}",
                     )
-                    window, window_tokens, window_pairs, window_capacity = [], 0, 0, 0
-                    window_start = time.perf_counter()
-                if config.eval_steps and step % config.eval_steps == 0 and step < self.total_steps:
-                    self._log_eval()
-                if self._stop_signal is not None or (
-                    config.save_steps and step % config.save_steps == 0
-                ):
-                    last_checkpoint = self._save()
-                if self._stop_signal is not None:
+                    window = LogWindow()
+                with window.paused():  # evaluation and saving are not training throughput
+                    if (
+                        config.eval_steps
+                        and step % config.eval_steps == 0
+                        and step < self.total_steps
+                    ):
+                        self._log_eval()
+                    stopping = self._stop_signal is not None and step < self.total_steps
+                    if stopping or (config.save_steps and step % config.save_steps == 0):
+                        self.state.window = window.to_state()
+                        last_checkpoint = self._save()
+                if stopping:
                     logger.warning(
                         "stopped by signal %d after step %d; checkpoint %s (resume with "
                         "resume_from_checkpoint: latest)",
@@ -257,6 +256,7 @@ class Trainer:
             self._restore_signal_handlers(previous_handlers)
         if self.data.eval:
             self._log_eval()
+        self.state.window = None
         if not (config.save_steps and self.state.global_step % config.save_steps == 0):
             last_checkpoint = self._save()
         final_dir = self._save_final()
@@ -298,10 +298,11 @@ class Trainer:
     def _clip_gradients(self) -> torch.Tensor:
         """The total gradient norm (clipped to max_grad_norm when set); a device scalar."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.config.max_grad_norm or math.inf
         if not params:
             return torch.zeros((), device=self.device)
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.config.max_grad_norm is None and hasattr(torch.nn.utils, "get_total_norm"):
+            return torch.nn.utils.get_total_norm([p.grad for p in params])  # no rescale pass
+        return torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or math.inf)
 
     def _check_finite(self, out, grad_norm: torch.Tensor, last_checkpoint: Path | None) -> None:
         """Stop before a non-finite loss or gradient reaches the weights (one host sync)."""
@@ -325,27 +326,20 @@ class Trainer:
 
     # -- metrics -----------------------------------------------------------------------------
 
-    def _log_row(self, window, elapsed, tokens, pairs, capacity) -> dict[str, Any]:
-        """Means over the logging window (one host sync here, not per step)."""
-        keys = list(dict.fromkeys(k for row in window for k in row))
-        stacked = {}
-        for key in keys:
-            values = [row[key] for row in window if key in row]
-            if isinstance(values[0], torch.Tensor):
-                stacked[key] = float(torch.stack([v.float() for v in values]).mean())
-            else:
-                stacked[key] = float(sum(values) / len(values))
+    def _log_row(self, window: LogWindow) -> dict[str, Any]:
+        """Means over the logging window (host syncs here, once per logging step)."""
+        elapsed = window.seconds()
         row: dict[str, Any] = {
             "step": self.state.global_step,
             "epoch": self.state.epoch,
-            **stacked,
-            "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
-            "pairs_per_second": pairs / elapsed if elapsed > 0 else None,
-            "packing_efficiency": tokens / capacity if capacity else None,
+            **window.means(),
+            "tokens_per_second": window.tokens / elapsed if elapsed > 0 else None,
+            "pairs_per_second": window.pairs / elapsed if elapsed > 0 else None,
+            "packing_efficiency": window.tokens / window.capacity if window.capacity else None,
             "peak_memory_mb": self._peak_memory_mb(),
         }
         if self.device.type == "cuda":
-            row["mfu"] = self._mfu(tokens, elapsed)
+            row["mfu"] = self._mfu(window.tokens, elapsed)
         return row
 
     def _peak_memory_mb(self) -> float:
