@@ -17,7 +17,7 @@ ROWS, WIDTH, VOCAB = 8192, 256, 32000
 
 _SCRIPT = textwrap.dedent(
     """
-    import json, os, resource, sys
+    import json, os, sys
     import torch
 
     variant, rows, width, vocab = sys.argv[1], *map(int, sys.argv[2:5])
@@ -43,7 +43,10 @@ _SCRIPT = textwrap.dedent(
         picked = logprobs.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
         logp = torch.where(valid, picked, 0.0)
     logp.sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
+    # fork + exec, so a large pytest worker would inflate it; the new mm's own peak starts here.
+    with open("/proc/self/status") as f:
+        peak = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) * 1024
     print(json.dumps({"extra_bytes": peak - before, "checksum": float(logp.sum())}))
     """
 )
