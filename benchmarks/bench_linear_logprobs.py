@@ -30,7 +30,7 @@ from pathlib import Path
 import harness
 import torch
 
-from fastdpo.demo import naive_logprobs
+from fastdpo.demo.op import naive_logprobs
 
 SCRIPT = Path(__file__).resolve()
 

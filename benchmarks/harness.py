@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.demo import PeakMemoryMeter, cache_malloc_blocks, limit_malloc_retention
+from fastdpo.memory import PeakMemoryMeter, cache_malloc_blocks, limit_malloc_retention
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"

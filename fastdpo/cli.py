@@ -12,60 +12,11 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from fastdpo.argtypes import positive_int
+from fastdpo.demo import add_parser as add_demo
 from fastdpo.precompute import add_parser as add_precompute_ref
 from fastdpo.train.command import add_parser as add_train
 
 SubcommandAdder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from fastdpo.demo import DemoOptions, run_demo
-
-    options = DemoOptions(
-        tokens=args.tokens,
-        hidden=args.hidden,
-        vocab=args.vocab,
-        device=args.device,
-        impl=args.impl,
-        seed=args.seed,
-    )
-    return run_demo(options)
-
-
-def add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`fastdpo demo`: the fused log-prob op versus the naive full-logits path."""
-    from fastdpo.demo import DemoOptions
-
-    defaults = DemoOptions()
-    parser = subparsers.add_parser(
-        "demo",
-        help="fused log-prob op vs the naive full-logits path: time, memory, agreement",
-        description=(
-            "Per-token log-probs through a language-model head, forward + backward, once with "
-            "fastdpo.linear_logprobs and once with full [N, V] logits; prints time and peak "
-            "memory of each and the largest difference of values and gradients. Exits 1 if "
-            "they disagree."
-        ),
-    )
-    parser.add_argument(
-        "--tokens", type=positive_int, default=defaults.tokens, help="N (default %(default)s)"
-    )
-    parser.add_argument(
-        "--hidden", type=positive_int, default=defaults.hidden, help="H (default %(default)s)"
-    )
-    parser.add_argument(
-        "--vocab", type=positive_int, default=defaults.vocab, help="V (default %(default)s)"
-    )
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device)
-    parser.add_argument(
-        "--impl",
-        choices=["auto", "torch", "triton"],
-        default=defaults.impl,
-        help="fastdpo impl (auto: triton on CUDA, torch on the CPU)",
-    )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.set_defaults(handler=_run_demo)
 
 
 SUBCOMMANDS: list[SubcommandAdder] = [add_demo, add_train, add_precompute_ref]

@@ -1,131 +1,21 @@
-"""`fastdpo demo`: the fused log-prob op against the naive full-logits path, on one realistic shape.
+"""`fastdpo demo --op`: the fused log-prob op against the naive full-logits path, on one shape.
 
-Until the trainer exists this is the project's built-in job: it computes per-token log-probs of
-target tokens under a language-model head, forward and backward, once through
-`fastdpo.linear_logprobs` and once the usual way (full `[N, V]` logits, fp32 log-softmax,
-gather), and prints the time and peak memory of each and how far their values and gradients
-differ. It exits non-zero if they disagree beyond the dtype's tolerance.
-
-`PeakMemoryMeter` lives here too; the benchmarks in `benchmarks/` reuse it.
+It computes per-token log-probs of target tokens under a language-model head, forward and
+backward, once through `fastdpo.linear_logprobs` and once the usual way (full `[N, V]` logits,
+fp32 log-softmax, gather), and prints the time and peak memory of each and how far their values
+and gradients differ. It exits non-zero if they disagree beyond the dtype's tolerance.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-# --------------------------------------------------------------------------------------------
-# peak memory
-
-
-def _proc_status_bytes(field: str) -> int:
-    """A 'kB' field of /proc/self/status (VmRSS, VmHWM) in bytes."""
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    if match is None:
-        raise RuntimeError(f"/proc/self/status has no {field} line")
-    return int(match.group(1)) * 1024
-
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def _mallopt(parameter: int, value: int) -> None:
-    """Sets a glibc malloc parameter; no-op where the C library is not glibc."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(ctypes.c_int(parameter), ctypes.c_int(value))
-
-
-def limit_malloc_retention() -> None:
-    """Makes glibc hand blocks over 64 KiB back to the OS at once, so RSS tracks live tensors.
-
-    glibc raises its mmap threshold (up to 32 MiB) after large blocks are freed and then serves
-    later blocks from its heap, which it keeps: a measured call could reuse pages that an earlier
-    call left resident and look smaller than it is. A fixed 64 KiB threshold stops that, at the
-    price of a page fault per fresh page (use `cache_malloc_blocks` before timing).
-    """
-    _mallopt(_M_MMAP_THRESHOLD, 64 * 2**10)
-
-
-def cache_malloc_blocks() -> None:
-    """Undoes `limit_malloc_retention` for timing: the state glibc reaches by itself once
-    32 MiB blocks have been freed (blocks below 32 MiB reused from its heap, not re-faulted)."""
-    _mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
-    _mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
-
-
-class PeakMemoryMeter:
-    """Context manager: bytes the enclosed code adds at its peak over what was resident before.
-
-    CUDA: `torch.cuda.max_memory_allocated` minus the allocated bytes on entry. CPU: the
-    kernel's peak-RSS counter (VmHWM), reset on entry through /proc/self/clear_refs, minus VmRSS
-    on entry; call `limit_malloc_retention()` once before measuring. Linux only on the CPU.
-
-        with PeakMemoryMeter(device) as meter:
-            work()
-        meter.peak_bytes
-    """
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        self.peak_bytes = 0
-        self._base = 0
-
-    def __enter__(self) -> PeakMemoryMeter:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._base = _proc_status_bytes("VmRSS")
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS
-            except OSError as error:
-                raise RuntimeError(
-                    f"cannot reset the peak-RSS counter ({error}): CPU peak memory needs Linux's "
-                    "/proc/self/clear_refs"
-                ) from error
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _proc_status_bytes("VmHWM")
-        self.peak_bytes = max(0, peak - self._base)
-
-
-# --------------------------------------------------------------------------------------------
-# the demo
-
-
-@dataclass(kw_only=True)
-class DemoOptions:
-    """Shape and placement of the demo's head."""
-
-    tokens: int = 4096
-    """N: rows of hidden states (completion tokens)."""
-    hidden: int = 512
-    """H: hidden size."""
-    vocab: int = 32000
-    """V: vocabulary size."""
-    device: str = "auto"
-    """'auto' (CUDA if available, else CPU), 'cpu' or 'cuda'."""
-    impl: str = "auto"
-    """fastdpo impl: 'auto' (triton on CUDA, torch on the CPU), 'triton' or 'torch'."""
-    seed: int = 0
-    """Seed of the random hidden states, head and targets."""
+from fastdpo.demo.settings import DemoOptions
+from fastdpo.memory import PeakMemoryMeter, limit_malloc_retention
 
 
 @dataclass(kw_only=True)
@@ -219,7 +109,9 @@ def run_demo(options: DemoOptions, *, print_fn: Callable[[str], None] = print) -
     }
 
     logits_mb = n * v * 4 / 2**20
-    print_fn("fastdpo demo: per-token log-probs through a language-model head, forward + backward")
+    print_fn(
+        "fastdpo demo --op: per-token log-probs through a language-model head, forward + backward"
+    )
     print_fn(
         f"  device {device.type}, {str(dtype).removeprefix('torch.')}, "
         f"N={n} tokens, H={h}, V={v} (the naive path's fp32 logits alone: {logits_mb:,.0f} MiB)"
