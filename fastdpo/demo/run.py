@@ -379,12 +379,14 @@ def report_lines(result: DemoResult, settings: DemoSettings) -> list[str]:
             lines.append(f"      {label} [{score:.1f}] {reply.strip()!r}")
 
     s = result.seconds
+    # The trainer draws curves.png only where matplotlib is installed (it says so itself).
+    curves = "curves.png, " if (result.run_dir / "dpo" / "curves.png").exists() else ""
     lines += [
         "",
         f"  time: {s['total']:.0f} s (set-up {s['setup']:.0f} s, SFT {s['sft']:.0f} s, "
         f"DPO {s['dpo']:.0f} s, held-out measurements {s['measure']:.0f} s)",
         f"  run directory: {result.run_dir}/  (data/: the rows; base/, sft/, dpo/: config.yaml, "
-        "metrics.jsonl, curves.png, final/ model + tokenizer; summary.json: these numbers and "
+        f"metrics.jsonl, {curves}final/ model + tokenizer; summary.json: these numbers and "
         "every sample)",
     ]
     if result.learned:
