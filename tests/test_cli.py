@@ -14,13 +14,19 @@ def test_only_implemented_commands_are_registered(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    assert "demo" in help_text
-    assert "precompute-ref" in help_text
-    for missing in ("train", "eval", "score"):
+    for command in ("demo", "train", "precompute-ref"):
+        assert command in help_text
+    for missing in ("eval", "score"):
         assert missing not in help_text
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train"])
+        cli.main(["eval"])
     assert exit_info.value.code == 2
+    capsys.readouterr()
+    assert cli.main(["train"]) == 2  # no model: one line, no traceback
+    assert (
+        capsys.readouterr().err.strip()
+        == "fastdpo train: error: model: required (a model folder or Hub id)"
+    )
 
 
 def test_a_subcommand_is_one_function_in_the_registry(monkeypatch):
