@@ -22,6 +22,12 @@ def _proc_status_bytes(field: str) -> int:
     return int(match.group(1)) * 1024
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM). Unlike getrusage's ru_maxrss, which Linux
+    carries over from the parent across fork + exec, it counts this program only."""
+    return _proc_status_bytes("VmHWM")
+
+
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

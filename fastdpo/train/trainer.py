@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fastdpo.memory import peak_rss_bytes
 from fastdpo.train.checkpoint import (
     TrainerState,
     check_resumable,
@@ -345,7 +345,7 @@ class Trainer:
     def _peak_memory_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        return peak_rss_bytes() / 2**20
 
     def _mfu(self, tokens: int, elapsed: float) -> float | None:
         """Model FLOPs utilization: 6 x parameters x tokens / time / the device's bf16 peak."""
