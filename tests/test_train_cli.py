@@ -138,3 +138,9 @@ def test_every_option_has_help_text():
         for action in commands[name]._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
     assert set(field_docs()) == {f for f in TrainConfig.__dataclass_fields__}
+
+
+def test_the_trainer_tokenizes_with_exactly_the_fingerprinted_settings():
+    from fastdpo.reference_fingerprint import TOKENIZATION_KEYS
+
+    assert TOKENIZATION_FIELDS == TOKENIZATION_KEYS

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastdpo.train.config import TOKENIZATION_FIELDS
+
 logger = logging.getLogger("fastdpo.train")
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -172,15 +174,10 @@ RESUME_KEYS = (
     "loss",
     "beta",
     "loss_params",
-    "max_length",
-    "max_prompt_length",
-    "prompt_truncation",
-    "loss_on",
-    "add_eos",
-    "text_as_chat",
     "lora_r",
     "lora_alpha",
     "lora_target_modules",
+    *TOKENIZATION_FIELDS,
 )
 """Keys that decide which pairs a step trains on and what it optimizes: fixed across a resume."""
 

@@ -22,17 +22,12 @@ from typing import Any
 
 import yaml
 
-from fastdpo.train.config import TrainConfig, field_docs, loss_parameter_names
-
-TOKENIZATION_FIELDS = (
-    "max_length",
-    "max_prompt_length",
-    "prompt_truncation",
-    "loss_on",
-    "add_eos",
-    "text_as_chat",
+from fastdpo.train.config import (
+    TOKENIZATION_FIELDS,
+    TrainConfig,
+    field_docs,
+    loss_parameter_names,
 )
-"""The options both `fastdpo train` and `fastdpo precompute-ref` take (same names, defaults)."""
 
 _CHOICES = {
     "prompt_truncation": ("left", "right"),

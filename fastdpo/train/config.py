@@ -26,6 +26,17 @@ from typing import Any
 
 import yaml
 
+TOKENIZATION_FIELDS = (
+    "max_length",
+    "max_prompt_length",
+    "prompt_truncation",
+    "loss_on",
+    "add_eos",
+    "text_as_chat",
+)
+"""Keys that change token ids: fingerprinted, fixed across a resume, and the options that
+`fastdpo train` and `fastdpo precompute-ref` share (same names, same defaults)."""
+
 
 class ConfigError(ValueError):
     """A config key or value a run cannot use; the message names the key and what to do."""
@@ -280,14 +291,7 @@ class TrainConfig:
 
     def tokenization_kwargs(self) -> dict[str, Any]:
         """The `tokenize_pairs` keyword arguments that change token ids (also fingerprinted)."""
-        return {
-            "max_length": self.max_length,
-            "max_prompt_length": self.max_prompt_length,
-            "prompt_truncation": self.prompt_truncation,
-            "loss_on": self.loss_on,
-            "add_eos": self.add_eos,
-            "text_as_chat": self.text_as_chat,
-        }
+        return {name: getattr(self, name) for name in TOKENIZATION_FIELDS}
 
     # -- validation ------------------------------------------------------------------------
 
