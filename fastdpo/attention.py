@@ -468,9 +468,18 @@ def _run_sdpa(q, k, v, state, *, scale, sliding_window, softcap, dropout) -> tor
                 ),
             )
         if softcap is None:
+            # 4-D [1, H, L, D]: the CPU's fused (flash) SDPA kernels take only 4-D inputs; 3-D
+            # ones fall back to the math path, which keeps [H, L, L] weights for backward
+            # (418 vs 16 MiB per call at L = 3000, measured on the CPU, 2026-12-03).
             out = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scale
-            )
+                qs[None],
+                ks[None],
+                vs[None],
+                attn_mask=mask,
+                is_causal=mask is None,
+                dropout_p=dropout,
+                scale=scale,
+            )[0]
         else:
             # SDPA cannot soft-cap scores: write them out, as transformers' eager path does.
             scores = (qs @ ks.transpose(-1, -2)) * scale

@@ -208,7 +208,7 @@ def evaluate_batches(
 
 def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], share: float):
     for key, value in metrics.items():
-        value = value.detach().float()
+        value = value.detach().double()  # fp64: shares of a rate add up to it exactly
         if key in _STATE_METRICS:
             sums[key] = value
         else:
