@@ -601,7 +601,10 @@ def test_ignore_index_none_counts_no_rows_and_gives_the_same_values(monkeypatch)
     """`ignore_index=None` (sequence_logps' call: completion targets only) skips the count of
     kept rows, a host sync on accelerators, and computes exactly what the default does."""
     hidden = torch.randn(7, 16, requires_grad=True)
-    weight = torch.randn(40, 16, )
+    weight = torch.randn(
+        40,
+        16,
+    )
     targets = torch.randint(0, 40, (7,))
     expected = linear_logprobs(hidden, weight, targets, impl="torch")
 
