@@ -13,6 +13,7 @@ accepted as top-level keys too and land in `loss_params`. The resolved config is
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -453,11 +454,8 @@ def _check_types(config: TrainConfig) -> None:
             continue
         value = getattr(config, f.name)
         if "float" in kinds and isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):  # not a number: the type check names it
                 value = float(value)
-            except ValueError:
-                pass
-            else:
                 setattr(config, f.name, value)
         if value is None and "None" in kinds:
             continue

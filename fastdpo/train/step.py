@@ -132,18 +132,11 @@ def train_step(
     pairs = tokens = 0
     ids: list[list[str]] = []
     micro_losses = []
-    for batch in batches:
-        batch = batch.to(device, non_blocking=True)
-        share = batch.num_examples / step_pairs
-        with autocast():
-            loss, metrics = batch_loss(
-                model,
-                batch,
-                reference,
-                settings,
-                nll_denominator=max(step_chosen_tokens, 1) * share,
-            )
-        (loss * share).backward()
+    weighted = _weighted_losses(
+        model, batches, step_pairs, step_chosen_tokens, reference, settings, device, autocast
+    )
+    for batch, share, loss, metrics in weighted:
+        (loss * share).backward()  # before the next micro-batch's forward: one graph at a time
         total += loss.detach() * share
         _accumulate(sums, metrics, share)
         pairs += batch.num_examples
@@ -175,7 +168,7 @@ def evaluate_batches(
     total_pairs = sum(b.num_examples for b in batches)
     if total_pairs == 0:
         return {}
-    total_chosen_tokens = max(sum(chosen_tokens(b) for b in batches), 1)
+    total_chosen_tokens = sum(chosen_tokens(b) for b in batches)
     eval_settings = LossSettings(
         loss=settings.loss,
         beta=settings.beta,
@@ -187,23 +180,43 @@ def evaluate_batches(
     try:
         total = torch.zeros((), device=device)
         sums: dict[str, torch.Tensor] = {}
-        for batch in batches:
-            batch = batch.to(device, non_blocking=True)
-            share = batch.num_examples / total_pairs
-            with autocast():
-                loss, metrics = batch_loss(
-                    model,
-                    batch,
-                    reference,
-                    eval_settings,
-                    nll_denominator=total_chosen_tokens * share,
-                )
+        weighted = _weighted_losses(
+            model,
+            batches,
+            total_pairs,
+            total_chosen_tokens,
+            reference,
+            eval_settings,
+            device,
+            autocast,
+        )
+        for _, share, loss, metrics in weighted:
             total += loss.detach() * share
             _accumulate(sums, metrics, share)
     finally:
         model.train(was_training)
     values = {"loss": total, **sums}
     return {f"eval/{k}": float(v) for k, v in values.items() if k not in _STATE_METRICS}
+
+
+def _weighted_losses(
+    model, batches, total_pairs, total_chosen_tokens, reference, settings, device, autocast
+):
+    """(batch on the device, its share of the pairs, mean loss, metrics) per micro-batch, lazily
+    (the caller's backward runs before the next forward). The token-mean NLL terms get
+    `total_chosen_tokens x share` as denominator, so the weighted sum is the total's mean."""
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True)
+        share = batch.num_examples / total_pairs
+        with autocast():
+            loss, metrics = batch_loss(
+                model,
+                batch,
+                reference,
+                settings,
+                nll_denominator=max(total_chosen_tokens, 1) * share,
+            )
+        yield batch, share, loss, metrics
 
 
 def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], share: float):

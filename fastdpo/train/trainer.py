@@ -27,7 +27,6 @@ from fastdpo.memory import peak_rss_bytes
 from fastdpo.train.checkpoint import (
     TrainerState,
     check_resumable,
-    checkpoint_dirs,
     load_training_state,
     prepare_output_dir,
     resolve_checkpoint,
@@ -123,7 +122,7 @@ class Trainer:
         )
         self.model = load_policy(config, self.device, self.checkpoint)
         trainable, total = count_parameters(self.model)
-        self.trainable_parameters = trainable
+        self._parameters = total  # for mfu
         logger.info("policy: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
         self.plan = StepPlan(
             num_pairs=len(self.data.train), pairs_per_step=config.pairs_per_step, seed=config.seed
@@ -353,8 +352,7 @@ class Trainer:
         peak = next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
         if peak is None or elapsed <= 0:
             return None
-        _, params = count_parameters(self.model)
-        return 6 * params * tokens / elapsed / peak
+        return 6 * self._parameters * tokens / elapsed / peak
 
     def evaluate(self) -> dict[str, float]:
         """Loss and reward metrics on the held-out pairs (`eval/` names); {} without them."""
@@ -438,9 +436,3 @@ class Trainer:
         if previous:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest finished checkpoint of a run, or None."""
-    found = checkpoint_dirs(output_dir)
-    return found[-1] if found else None
