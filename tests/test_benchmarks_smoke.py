@@ -86,8 +86,11 @@ def test_bench_dpo_loss_runs_on_cpu(tmp_path):
     assert (fastdpo["impl"], naive["impl"]) == ("fastdpo", "naive")
     assert fastdpo["status"] == naive["status"] == "ok"
     assert fastdpo["rounds"] == naive["rounds"] == "2"
-    # The same DPO loss on the same inputs, through the fused op and through full logits.
-    assert float(fastdpo["loss"]) == pytest.approx(float(naive["loss"]), rel=1e-5)
+    # The same DPO loss on the same inputs, through the fused op and through full logits. The
+    # per-sequence sums (~-300, fp32) move by ~4e-6 relative with the CPU's thread split of the
+    # naive [N, V] reductions, which the margin carries into the loss: seen 0.62008 vs 0.62002
+    # for the same naive run repeated on a loaded 2-core machine (2026-12-03).
+    assert float(fastdpo["loss"]) == pytest.approx(float(naive["loss"]), abs=3e-4)
     expected_grads_mib = (2 * 2 * 64 * 32 + 500 * 32) * 4 / 2**20
     assert float(fastdpo["grads_mib"]) == pytest.approx(expected_grads_mib)
     assert fastdpo["meets_targets"].startswith("memory ")  # no cce row: no time verdict
