@@ -25,6 +25,14 @@ registers.
   programs per SM worth of vocabulary tiles per launch) through one reused fp32 [slab, H]
   buffer, so the extra memory is bounded by the slab, not by V.
 
+Loop bounds are kernel arguments (H, N, `tiles_per_split`), never values computed from
+`tl.program_id`: triton 3.6's interpreter holds every runtime scalar as a 1-element array, which
+`range()` cannot take under numpy >= 2.4, so under the interpreter the launchers pass integer
+arguments as constants (`_scalars`), and a bound derived from a program id would still be an
+array. Every split therefore walks `tiles_per_split` tiles; the last split's tiles past V are
+fully masked, which adds exact zeros and leaves the critical path as it was (that program does
+no more tiles than the others).
+
 No atomics: every output element is written by one program in a fixed order, so results are
 bitwise reproducible. The price is one extra logit recompute (10NHV FLOPs with both gradients
 versus 8NHV with atomics); each backward kernel runs only when its gradient is needed, so a frozen
@@ -159,13 +167,13 @@ def _linear_logprobs_fwd_kernel(
     row_mask = offs_n < N
     targets = tl.load(targets_ptr + offs_n, mask=row_mask, other=0)
     v_begin = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
 
     running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(v_begin, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
+    # Host-computed trip count (module docstring, "Loop bounds"); tiles past V are masked.
+    for tile in range(0, tiles_per_split):
+        offs_v = v_begin + tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = offs_v < V
         z, _ = _logit_tile(
             hidden_ptr, weight_ptr, bias_ptr, offs_n, row_mask, offs_v, col_mask, H,
@@ -224,13 +232,13 @@ def _linear_logprobs_bwd_hidden_kernel(
     grad_target = tl.load(grad_target_ptr + offs_n, mask=row_mask, other=0.0)
     grad_softmax = tl.load(grad_softmax_ptr + offs_n, mask=row_mask, other=0.0)
     v_begin = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
 
     offs_h = tl.arange(0, BLOCK_H)
     out_rows = grad_hidden_ptr + (split.to(tl.int64) * N + offs_n.to(tl.int64))[:, None] * H
     w_dtype = weight_ptr.dtype.element_ty
-    for v0 in range(v_begin, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
+    # Host-computed trip count (module docstring, "Loop bounds"); tiles past V are masked.
+    for tile in range(0, tiles_per_split):
+        offs_v = v_begin + tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = offs_v < V
         z, tanh = _logit_tile(
             hidden_ptr, weight_ptr, bias_ptr, offs_n, row_mask, offs_v, col_mask, H,
@@ -250,7 +258,7 @@ def _linear_logprobs_bwd_hidden_kernel(
             w = tl.load(
                 w_rows + k[None, :] * stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0
             )
-            if v0 == v_begin:
+            if tile == 0:
                 acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
             else:
                 acc = tl.load(out_rows + k[None, :], mask=out_mask, other=0.0)
@@ -457,8 +465,22 @@ def _check_inputs(
         )
 
 
+def _scalars(**values: int | float) -> dict[str, int | float | tl.constexpr]:
+    """A launch's runtime scalar arguments, as the kernels get them on either path.
+
+    Compiled, they are plain Python numbers. Triton 3.6's interpreter wraps a Python int in a
+    1-element array, which `range()` cannot take under numpy >= 2.4 ("only 0-dimensional arrays
+    can be converted to Python scalars"; triton 3.9's interpreter squeezes it first): there ints
+    go as `tl.constexpr`, which the interpreter leaves a Python int (it does not specialize on
+    them; only the compiler would, and this path never compiles).
+    """
+    if not is_interpreted():
+        return values
+    return {name: tl.constexpr(v) if type(v) is int else v for name, v in values.items()}
+
+
 def _common_args(hidden, weight, softcap, temperature):
-    return dict(
+    return _scalars(
         stride_hn=hidden.stride(0),
         stride_hh=hidden.stride(1),
         stride_wv=weight.stride(0),
@@ -510,8 +532,8 @@ def linear_logprobs_forward(
     if rows > 0:
         _linear_logprobs_fwd_kernel[(row_tiles, splits)](
             hidden, weight, bias if bias is not None else hidden, targets,
-            partial_target, partial_lse, rows, vocab, width,
-            tiles_per_split=tiles_per_split,
+            partial_target, partial_lse,
+            **_scalars(N=rows, V=vocab, H=width, tiles_per_split=tiles_per_split),
             **_common_args(hidden, weight, softcap, temperature),
             **_constexprs(hidden, bias, softcap, config),
         )  # fmt: skip
@@ -564,7 +586,8 @@ def linear_logprobs_backward(
         if rows > 0:
             _linear_logprobs_bwd_hidden_kernel[(row_tiles, splits)](
                 hidden, weight, bias_arg, targets, lse, grad_target, grad_softmax, partial,
-                rows, vocab, width, tiles_per_split=tiles_per_split, **common, **constexprs,
+                **_scalars(N=rows, V=vocab, H=width, tiles_per_split=tiles_per_split),
+                **common, **constexprs,
             )  # fmt: skip
         grad_hidden = (partial[0] if splits == 1 else partial.sum(0)).to(dtype)
 
@@ -623,7 +646,8 @@ def _weight_grads(
             _linear_logprobs_bwd_weight_kernel[(triton.cdiv(v_end - v_begin, config.block_v),)](
                 hidden, weight, bias_arg, targets, row_vectors["lse"],
                 row_vectors["grad_target"], row_vectors["grad_softmax"], out,
-                grad_bias if grad_bias is not None else dummy, rows, v_begin, v_end, width,
+                grad_bias if grad_bias is not None else dummy,
+                **_scalars(N=rows, v_begin=v_begin, v_end=v_end, H=width),
                 HAS_DW=need_weight, HAS_DB=need_bias, **common, **constexprs,
             )  # fmt: skip
         if scratch is not None and grad_weight is not None:
