@@ -1,5 +1,5 @@
 # The two entry points of the README. Each runs scripts/setup.sh first (a no-op once installed).
-.PHONY: setup demo test lint mutate
+.PHONY: setup demo test lint mutate setup-gpu-stack test-gpu-stack
 
 setup:
 	@bash scripts/setup.sh
@@ -9,6 +9,14 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q -n 2 --dist loadfile
+
+# The same suite under the GPU machine's stack (torch 2.11, triton 3.6, transformers 5.17,
+# numpy 2.5, Python 3.12) in .venv-gpu-stack: ~5 GB on disk, ~2 min to install once.
+setup-gpu-stack:
+	@bash scripts/setup_gpu_stack.sh
+
+test-gpu-stack: setup-gpu-stack
+	.venv-gpu-stack/bin/python -m pytest -q -n 2 --dist loadfile
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
