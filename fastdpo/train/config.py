@@ -166,6 +166,16 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute layer activations in backward (less memory, ~30% more compute)."""
 
+    # -- many processes (torchrun) -------------------------------------------------------
+    strategy: str = "auto"
+    """Under torchrun: ddp (a full replica per process), fsdp2 (parameters, gradients and
+    optimizer state sharded per decoder layer) or auto (fsdp2 when a replica with its AdamW
+    state would not fit in half of one device)."""
+    offload: bool = False
+    """fsdp2 on CUDA: keep parameters, gradients and optimizer state in CPU memory."""
+    distributed_timeout: int = 600
+    """Seconds a collective may wait for the other processes before the run fails."""
+
     # -- the reference -----------------------------------------------------------------
     reference: str = "auto"
     """auto (build the cache in the run directory or reuse a matching one), a cache folder,
@@ -309,6 +319,8 @@ class TrainConfig:
         _choice(self, "dtype", ("auto", "float32", "bfloat16"))
         _choice(self, "attention", ("auto", "flash", "torch", "flex", "sdpa"))
         _choice(self, "report_to", ("auto", "tensorboard", "none"))
+        _choice(self, "strategy", ("auto", "ddp", "fsdp2"))
+        _positive(self, "distributed_timeout")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: got {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta)) or self.beta <= 0:
