@@ -15,6 +15,7 @@ whole step); the trainer carries it across steps and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +24,8 @@ import torch
 
 from fastdpo.data.types import PackedBatch
 from fastdpo.losses import RunningMean, preference_loss
-from fastdpo.model import sequence_logps
 from fastdpo.reference import ReferenceCache
+from fastdpo.train.distributed import packed_forward
 
 _STATE_METRICS = ("bco/reward_mean", "bco/reward_count")
 """Metrics that carry state rather than a batch mean: the last micro-batch's value is kept."""
@@ -80,7 +81,7 @@ def batch_loss(
 
     `nll_denominator`: for token-mean NLL terms (sft, orpo), what they divide by (see the
     module docstring); None: the batch's own chosen tokens."""
-    out = sequence_logps(model, batch)
+    out = packed_forward(model, batch)  # through a DDP / FSDP2 wrapper's forward when wrapped
     ref_chosen = ref_rejected = None
     if reference is not None:
         ref = reference.for_batch(batch)
@@ -116,6 +117,8 @@ def train_step(
     settings: LossSettings,
     device: torch.device,
     autocast,
+    filler_batches: Iterable[PackedBatch] = (),
+    gradient_sync=None,
 ) -> StepOutput:
     """Forward + backward of every micro-batch; gradients accumulate in `.grad`.
 
@@ -123,8 +126,15 @@ def train_step(
     scaled by its pairs / step_pairs. `step_chosen_tokens` (global too) is what token-mean NLL
     terms average over; None: the sum over these micro-batches. `autocast` is a
     context-manager factory (precision).
+
+    Data parallelism: `filler_batches` run after the real ones with weight 0 (their gradient
+    is exactly zero and they add nothing to loss or metrics; BCO's running mean is left as
+    it was): they give a rank with fewer micro-batches the same number of forwards and
+    backwards as the others. `gradient_sync(is_last)` returns the context each micro-batch's
+    forward + backward runs in (DDP's `no_sync` on all but the last); None: no context.
     """
     batches = list(batches)
+    fillers = list(filler_batches)
     if step_chosen_tokens is None:
         step_chosen_tokens = sum(chosen_tokens(b) for b in batches)
     total = torch.zeros((), device=device)
@@ -133,10 +143,26 @@ def train_step(
     ids: list[list[str]] = []
     micro_losses = []
     weighted = _weighted_losses(
-        model, batches, step_pairs, step_chosen_tokens, reference, settings, device, autocast
+        model,
+        batches + fillers,
+        step_pairs,
+        step_chosen_tokens,
+        reference,
+        settings,
+        device,
+        autocast,
     )
-    for batch, share, loss, metrics in weighted:
-        (loss * share).backward()  # before the next micro-batch's forward: one graph at a time
+    count = len(batches) + len(fillers)
+    for index in range(count):
+        is_filler = index >= len(batches)
+        bco_before = settings.bco_state
+        sync = gradient_sync(index == count - 1) if gradient_sync else contextlib.nullcontext()
+        with sync:  # the forward too: DDP decides in its forward whether backward all-reduces
+            batch, share, loss, metrics = next(weighted)
+            (loss * (0.0 if is_filler else share)).backward()  # one graph at a time
+        if is_filler:
+            settings.bco_state = bco_before
+            continue
         total += loss.detach() * share
         _accumulate(sums, metrics, share)
         pairs += batch.num_examples
