@@ -139,6 +139,11 @@ def f_sigmoid(b, beta, label_smoothing=0.0):
     return ((1 - eps) * softplus(-z) + eps * softplus(z)).mean(), {}
 
 
+def f_sigmoid_norm(b, beta):
+    rho_c, rho_r = b.pc - b.rc, b.pr - b.rr  # TRL: summed log-ratios / completion lengths
+    return softplus(-beta * (rho_c / b.lc.clamp(min=1) - rho_r / b.lr.clamp(min=1))).mean(), {}
+
+
 def f_robust(b, beta, label_smoothing=0.0):
     z, eps = beta * margin(b), label_smoothing
     return (((1 - eps) * softplus(-z) - eps * softplus(z)) / (1 - 2 * eps)).mean(), {}
@@ -272,6 +277,7 @@ class Formula:
 SMOOTHED = (Case(), Case({"label_smoothing": 0.2}))
 FORMULAS: dict[str, Formula] = {
     "sigmoid": Formula(f_sigmoid, averaged=False, reference=True, cases=SMOOTHED),
+    "sigmoid_norm": Formula(f_sigmoid_norm, averaged=False, reference=True),
     "robust": Formula(f_robust, averaged=False, reference=True, cases=SMOOTHED),
     "hinge": Formula(f_hinge, averaged=False, reference=True),
     "ipo": Formula(f_ipo, averaged=True, reference=True),

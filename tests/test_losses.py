@@ -51,6 +51,8 @@ def ref_loss(name: str, b: dict, beta: float, **p) -> torch.Tensor:
     eps = p.get("label_smoothing", 0.0)
     if name == "sigmoid":
         return (-(1 - eps) * _logsig(z) - eps * _logsig(-z)).mean()
+    if name == "sigmoid_norm":
+        return -_logsig(beta * (rho_c / lc - rho_r / lr)).mean()
     if name == "robust":
         return ((-(1 - eps) * _logsig(z) + eps * _logsig(-z)) / (1 - 2 * eps)).mean()
     if name == "hinge":
@@ -101,6 +103,7 @@ def ref_loss(name: str, b: dict, beta: float, **p) -> torch.Tensor:
 PAIRED_CASES = [
     ("sigmoid", {}),
     ("sigmoid", {"label_smoothing": 0.2}),
+    ("sigmoid_norm", {}),
     ("robust", {"label_smoothing": 0.1}),
     ("hinge", {}),
     ("ipo", {}),

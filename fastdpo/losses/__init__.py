@@ -23,8 +23,9 @@ Public entry point: `preference_loss(policy_chosen, policy_rejected, ref_chosen,
 with the `register_loss` decorator.
 
 Modules: `inputs` (LossInputs), `registry` (LOSSES, register_loss, parameter checks),
-`pairwise` (the reference-based paired losses), `reference_free` (simpo, orpo, sft), `kto`,
-`metrics` (reward_metrics) and `api` (preference_loss). Importing the package registers every
+`options` (TRL's f-divergences, LD-DPO, WPO), `pairwise` (the reference-based paired losses),
+`reference_free` (simpo, orpo, sft), `kto`, `metrics` (reward_metrics) and `api`
+(preference_loss). Importing the package registers every
 loss.
 """
 
@@ -32,6 +33,15 @@ from fastdpo.losses.api import preference_loss
 from fastdpo.losses.inputs import LossInputs
 from fastdpo.losses.kto import kto
 from fastdpo.losses.metrics import reward_metrics
+from fastdpo.losses.options import (
+    F_DIVERGENCE_TYPES,
+    LOSS_OPTIONS,
+    LossOptions,
+    TailLogps,
+    f_divergence_scores,
+    ld_weighted,
+    wpo_weights,
+)
 from fastdpo.losses.pairwise import (
     RunningMean,
     aot,
@@ -46,6 +56,7 @@ from fastdpo.losses.pairwise import (
     nca_pair,
     robust,
     sigmoid,
+    sigmoid_norm,
     sppo_hard,
 )
 from fastdpo.losses.reference_free import _log1mexp as _log1mexp  # tests read it
@@ -62,11 +73,15 @@ from fastdpo.losses.registry import (
 )
 
 __all__ = [
+    "F_DIVERGENCE_TYPES",
     "LOSSES",
+    "LOSS_OPTIONS",
     "LossFn",
     "LossInputs",
+    "LossOptions",
     "LossSpec",
     "RunningMean",
+    "TailLogps",
     "aot",
     "aot_unpaired",
     "apo_down",
@@ -78,9 +93,11 @@ __all__ = [
     "check_reference_given",
     "discopop",
     "exo_pair",
+    "f_divergence_scores",
     "hinge",
     "ipo",
     "kto",
+    "ld_weighted",
     "nca_pair",
     "orpo",
     "preference_loss",
@@ -89,6 +106,8 @@ __all__ = [
     "robust",
     "sft",
     "sigmoid",
+    "sigmoid_norm",
     "simpo",
     "sppo_hard",
+    "wpo_weights",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -9,6 +10,7 @@ import torch
 
 from fastdpo.losses.inputs import LossInputs
 from fastdpo.losses.metrics import reward_metrics
+from fastdpo.losses.options import LossOptions, TailLogps, ld_weighted, wpo_weights
 from fastdpo.losses.registry import LOSSES, LossSpec, check_beta, check_reference_given
 
 Tensor = torch.Tensor
@@ -158,6 +160,95 @@ def _optional_pair(
     return chosen_value.to(dtype), rejected_value.to(dtype)
 
 
+def _apply_options(
+    x: LossInputs,
+    components: list[tuple[LossSpec, float]],
+    options: LossOptions,
+    tail_logps: TailLogps | None,
+    chosen_log_sum_p2: Tensor | None,
+    rejected_log_sum_p2: Tensor | None,
+) -> LossInputs:
+    """`x` with TRL's options applied: LD-weighted sums, WPO weights, the f-divergence."""
+    changes: dict[str, object] = {
+        "f_divergence_type": options.f_divergence_type,
+        "f_alpha_divergence_coef": float(options.f_alpha_divergence_coef),
+    }
+    if options.use_weighting:
+        if chosen_log_sum_p2 is None or rejected_log_sum_p2 is None:
+            raise ValueError(
+                "use_weighting (WPO) needs chosen_log_sum_p2 and rejected_log_sum_p2: [P] sums "
+                "over each completion's tokens of log sum_v p_v^2 (the fused head's "
+                "'log_sum_p2' statistic; packed_preference_loss takes it per token)"
+            )
+        if x.chosen_lengths is None:
+            raise ValueError(
+                "use_weighting (WPO) averages over tokens: pass chosen_lengths and "
+                "rejected_lengths ([P] each)"
+            )
+        s2_c, s2_r = _optional_pair(
+            ("chosen_log_sum_p2", chosen_log_sum_p2),
+            ("rejected_log_sum_p2", rejected_log_sum_p2),
+            x.policy_chosen,
+            x.policy_rejected,
+        )
+        changes["pair_weights"] = wpo_weights(
+            x.policy_chosen, x.policy_rejected, s2_c, s2_r, x.chosen_lengths, x.rejected_lengths
+        )
+    elif chosen_log_sum_p2 is not None or rejected_log_sum_p2 is not None:
+        raise ValueError("chosen_log_sum_p2 / rejected_log_sum_p2 are read only with use_weighting")
+    if options.ld_alpha is not None:
+        changes.update(_ld_sums(x, components, options.ld_alpha, tail_logps))
+    elif tail_logps is not None:
+        raise ValueError("tail_logps is read only with ld_alpha (LD-DPO): pass ld_alpha too")
+    return dataclasses.replace(x, **changes)
+
+
+def _ld_sums(
+    x: LossInputs,
+    components: list[tuple[LossSpec, float]],
+    ld_alpha: float,
+    tails: TailLogps | None,
+) -> dict[str, Tensor]:
+    """LD-DPO's sums full - (1 - ld_alpha) * tail for the policy (and the reference)."""
+    if not isinstance(tails, TailLogps):
+        raise ValueError(
+            "ld_alpha (LD-DPO) needs tail_logps=TailLogps(...): the log-probs summed over each "
+            "completion's tokens past its pair's shared length, policy and reference ("
+            "fastdpo.ops.preference_loss.ld_tail_sums makes them from per-token log-probs; "
+            f"packed_preference_loss does it itself), got {type(tails).__name__}"
+        )
+    policy_c, policy_r = _optional_pair(
+        ("tail_logps.policy_chosen", tails.policy_chosen),
+        ("tail_logps.policy_rejected", tails.policy_rejected),
+        x.policy_chosen,
+        x.policy_rejected,
+    )
+    sums = {
+        "policy_chosen": ld_weighted(x.policy_chosen, policy_c, ld_alpha),
+        "policy_rejected": ld_weighted(x.policy_rejected, policy_r, ld_alpha),
+        "policy_chosen_plain": x.policy_chosen,
+    }
+    if x.ref_chosen is not None:
+        reading = [spec.name for spec, _ in components if spec.needs_reference]
+        if reading and (tails.ref_chosen is None or tails.ref_rejected is None):
+            raise ValueError(
+                f"ld_alpha (LD-DPO) reweights the reference sums too, and loss {reading[0]!r} "
+                "reads them: pass tail_logps.ref_chosen and tail_logps.ref_rejected (from the "
+                "reference's per-token log-probs: a cache built with `fastdpo precompute-ref "
+                "--per-token`)"
+            )
+        if tails.ref_chosen is not None:
+            ref_c, ref_r = _optional_pair(
+                ("tail_logps.ref_chosen", tails.ref_chosen),
+                ("tail_logps.ref_rejected", tails.ref_rejected),
+                x.policy_chosen,
+                x.policy_rejected,
+            )
+            sums["ref_chosen"] = ld_weighted(x.ref_chosen, ref_c, ld_alpha)
+            sums["ref_rejected"] = ld_weighted(x.ref_rejected, ref_r, ld_alpha)
+    return sums
+
+
 def preference_loss(
     policy_chosen: Tensor,
     policy_rejected: Tensor,
@@ -168,6 +259,13 @@ def preference_loss(
     beta: float = 0.1,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    ld_alpha: float | None = None,
+    tail_logps: TailLogps | None = None,
+    use_weighting: bool = False,
+    chosen_log_sum_p2: Tensor | None = None,
+    rejected_log_sum_p2: Tensor | None = None,
     **loss_params,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """A preference loss over per-sequence log-probs, and TRL-compatible metrics.
@@ -189,12 +287,34 @@ def preference_loss(
             kl); each goes to every component that accepts it, and one no component accepts is
             an error.
 
+    TRL's loss options, with TRL 1.16's names and meanings (`fastdpo.losses.options`); each is
+    refused for a loss it does not apply to:
+        f_divergence_type, f_alpha_divergence_coef: f-DPO; "reverse_kl" (DPO), "forward_kl",
+            "js_divergence", "alpha_divergence" (with alpha = f_alpha_divergence_coef). The
+            losses on the score difference compare f'(pi / ref) instead of the log-ratios.
+        ld_alpha, tail_logps: LD-DPO; with ld_alpha in [0, 1], the tokens of the longer
+            completion past the pair's shared length count ld_alpha times, for policy and
+            reference alike. `tail_logps` gives those tails' sums ([P] each; the reference's
+            when a loss reads it); the log-probs above stay the full sums.
+        use_weighting, chosen_log_sum_p2, rejected_log_sum_p2: WPO; each pair's loss is
+            multiplied by exp(mean over its tokens of log p - log sum_v p_v^2), chosen times
+            rejected, without gradient. The two tensors are [P] sums over each completion's
+            tokens of log sum_v p_v^2 (the fused head's "log_sum_p2"); lengths are required.
+    The reward and log-prob metrics read the LD-weighted sums, as TRL's do.
+
     Returns:
         (loss, metrics): the scalar loss in the log-probs' dtype; metrics are detached device
         tensors (no host sync) named as in TRL (see `reward_metrics`), plus "loss/<name>" for
         each component (unweighted) and the components' own (nll_loss, kl, ...).
     """
     components = _resolve_components(loss)
+    options = LossOptions(
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        ld_alpha=ld_alpha,
+        use_weighting=use_weighting,
+    )
+    options.check(spec for spec, _ in components)
     routed = _route_params(components, loss_params)
     x = _build_inputs(
         components,
@@ -206,6 +326,7 @@ def preference_loss(
         rejected_lengths,
         beta,
     )
+    x = _apply_options(x, components, options, tail_logps, chosen_log_sum_p2, rejected_log_sum_p2)
     total = None
     extra: dict[str, Tensor] = {}
     for spec, weight in components:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdpo.losses.options import f_divergence_scores
+
 Tensor = torch.Tensor
 
 
@@ -17,6 +19,12 @@ class LossInputs:
     desirable completions [P_d] and the rejected tensors the undesirable ones [P_u].
     Lengths are completion token counts in the log-probs' dtype. Per-token averages divide by
     max(length, 1): a completion left empty by masking has log-prob 0 and average 0.
+
+    TRL's loss options (`fastdpo.losses.options`) arrive here already applied where they change
+    inputs: with `ld_alpha` the policy and reference sums are LD-DPO's reweighted sums (the
+    plain chosen sums stay in `policy_chosen_plain` for NLL terms); with `use_weighting`,
+    `pair_weights` holds WPO's weights, which `reduce` applies; `f_divergence_type` is read by
+    `scores` and `score_margin`.
     """
 
     policy_chosen: Tensor
@@ -26,6 +34,13 @@ class LossInputs:
     chosen_lengths: Tensor | None = None
     rejected_lengths: Tensor | None = None
     beta: float = 0.1
+    f_divergence_type: str = "reverse_kl"
+    """How the losses built on the score difference score a log-ratio (`scores`)."""
+    f_alpha_divergence_coef: float = 0.5
+    pair_weights: Tensor | None = None
+    """[P] WPO weights (no gradient) that `reduce` applies; None: a plain mean."""
+    policy_chosen_plain: Tensor | None = None
+    """[P] plain summed chosen log-probs when `policy_chosen` is LD-weighted; None otherwise."""
 
     def policy(self, *, normalized: bool = False) -> tuple[Tensor, Tensor]:
         """Policy log-probs (chosen, rejected): sums, or per-token averages if `normalized`."""
@@ -59,3 +74,33 @@ class LossInputs:
         """m = rho_c - rho_r = (pi_c - pi_r) - (ref_c - ref_r), per pair."""
         rho_c, rho_r = self.logratios(normalized=normalized)
         return rho_c - rho_r
+
+    def scores(self, *, normalized: bool = False) -> tuple[Tensor, Tensor]:
+        """(f'(rho_c), f'(rho_r)): the log-ratios scored by `f_divergence_type` (the log-ratios
+        themselves for the default "reverse_kl"). `normalized` divides each score by its
+        completion length, as TRL's IPO and sigmoid_norm do (for "reverse_kl" that is the
+        margin of per-token averages, `logratios(normalized=True)`)."""
+        if self.f_divergence_type == "reverse_kl":
+            return self.logratios(normalized=normalized)
+        rho_c, rho_r = self.logratios()
+        scored = (
+            f_divergence_scores(rho, self.f_divergence_type, self.f_alpha_divergence_coef)
+            for rho in (rho_c, rho_r)
+        )
+        return self._per_sequence(*scored, normalized)
+
+    def score_margin(self, *, normalized: bool = False) -> Tensor:
+        """f'(rho_c) - f'(rho_r), per pair (TRL's `delta_score`); `margin` for reverse_kl."""
+        score_c, score_r = self.scores(normalized=normalized)
+        return score_c - score_r
+
+    def reduce(self, per_pair: Tensor) -> Tensor:
+        """The batch loss from per-pair losses [P]: their mean, each weighted by `pair_weights`
+        when WPO weighting is on (weights are not normalized, as in TRL)."""
+        if self.pair_weights is None:
+            return per_pair.mean()
+        return (per_pair * self.pair_weights).mean()
+
+    def chosen_plain(self) -> Tensor:
+        """[P] summed chosen log-probs without LD-DPO's reweighting (what NLL terms read)."""
+        return self.policy_chosen if self.policy_chosen_plain is None else self.policy_chosen_plain

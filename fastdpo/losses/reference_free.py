@@ -38,12 +38,12 @@ def _chosen_nll(x: LossInputs, denominator: float | Tensor | None) -> Tensor:
     """Mean negative log-likelihood per chosen token over the batch: -sum(pi_c) / sum(L_c),
     or -sum(pi_c) / denominator when one is given (see `nll_denominator` of sft / orpo)."""
     if denominator is None:
-        return -x.policy_chosen.sum() / x.chosen_lengths.sum().clamp(min=1.0)
+        return -x.chosen_plain().sum() / x.chosen_lengths.sum().clamp(min=1.0)
     if not isinstance(denominator, Tensor):
         denominator = check_finite("nll", "nll_denominator", denominator)
         if denominator <= 0:
             raise ValueError(f"nll_denominator must be > 0, got {denominator}")
-    return -x.policy_chosen.sum() / denominator
+    return -x.chosen_plain().sum() / denominator
 
 
 @register_loss("orpo", needs_reference=False, needs_lengths=True, length_normalized=True)
@@ -70,7 +70,14 @@ def orpo(x: LossInputs, *, nll_denominator: float | Tensor | None = None) -> tup
     return nll - x.beta * ratio.mean(), metrics
 
 
-@register_loss("sft", needs_reference=False, needs_lengths=True)
+@register_loss(
+    "sft",
+    needs_reference=False,
+    needs_lengths=True,
+    f_divergence=True,
+    pair_weighting=True,
+    ld_alpha=True,
+)
 def sft(x: LossInputs, *, nll_denominator: float | Tensor | None = None) -> tuple[Tensor, dict]:
     """Supervised NLL on the chosen completions: -sum(pi_c) / sum(L_c), the token-mean cross
     entropy over the batch's chosen tokens. Combined with a DPO loss it is RPO (Pang et al. 2024,
@@ -79,6 +86,11 @@ def sft(x: LossInputs, *, nll_denominator: float | Tensor | None = None) -> tupl
 
     `nll_denominator` replaces sum(L_c) (default: this batch's chosen tokens). Gradient
     accumulation passes it so that micro-batches weighted by their share of the step's pairs
-    add up to the step's token mean: step_chosen_tokens * batch_pairs / step_pairs."""
+    add up to the step's token mean: step_chosen_tokens * batch_pairs / step_pairs.
+
+    TRL's options: the NLL reads plain log-probs under `ld_alpha`, ignores f-divergences (it
+    has no log-ratio), and under `use_weighting` is multiplied by the batch's mean WPO weight
+    (TRL weights its per-pair copies of the batch NLL); "nll_loss" stays the plain NLL."""
     nll = _chosen_nll(x, nll_denominator)
-    return nll, {"nll_loss": nll.detach()}
+    loss = nll if x.pair_weights is None else nll * x.pair_weights.mean()
+    return loss, {"nll_loss": nll.detach()}

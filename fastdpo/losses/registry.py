@@ -31,6 +31,15 @@ class LossSpec:
     may then differ in size)."""
     params: tuple[str, ...] = field(default=())
     """Keyword parameters the function accepts (read from its signature)."""
+    f_divergence: bool = False
+    """True if the loss reads the chosen and rejected scores through `LossInputs.scores` /
+    `score_margin` (or reads no log-ratios at all), so `f_divergence_type` applies to it."""
+    pair_weighting: bool = False
+    """True if the loss reduces its per-pair values with `LossInputs.reduce`, so WPO's
+    per-pair weights (`use_weighting`) apply to it."""
+    ld_alpha: bool = False
+    """True if LD-DPO's reweighted sums (`ld_alpha`) may replace the policy and reference sums
+    the loss reads (its NLL terms read `LossInputs.chosen_plain`, the plain sums)."""
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -44,6 +53,9 @@ def register_loss(
     needs_lengths: bool = False,
     length_normalized: bool = False,
     paired: bool = True,
+    f_divergence: bool = False,
+    pair_weighting: bool = False,
+    ld_alpha: bool = False,
     replace: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator that registers `fn(inputs: LossInputs, *, param=default, ...)` under `name`.
@@ -57,6 +69,9 @@ def register_loss(
             return -F.logsigmoid(x.beta * x.margin() - margin).mean()
 
         loss, metrics = preference_loss(pc, pr, rc, rr, loss="my_dpo", margin=0.5)
+
+    `f_divergence`, `pair_weighting` and `ld_alpha` say which of TRL's loss options the
+    function honours (see `LossSpec`); `preference_loss` refuses the others for it.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a loss name must be a non-empty string, got {name!r}")
@@ -81,6 +96,9 @@ def register_loss(
             length_normalized=length_normalized,
             paired=paired,
             params=params,
+            f_divergence=f_divergence,
+            pair_weighting=pair_weighting,
+            ld_alpha=ld_alpha,
         )
         return fn
 
