@@ -12,6 +12,15 @@ Three launches, all deterministic (fixed reduction order, no atomics):
     finalize  grid (1,)  means over pairs -> metrics [NUM_METRICS] (METRIC_NAMES order)
     backward  grid (S,)  every valid token of sequence s gets grad_loss * seq_grad[s] / P
 
+Loop bounds. Every loop whose trip count is known only at run time (a sequence's token range,
+read from `target_cu` on the device; the number of pairs) is a `while offset < end` loop, not
+`range(start, end, BLOCK)`: triton 3.6's interpreter holds every runtime scalar, kernel
+arguments included, as a 1-element array, and under numpy >= 2.4 `range()` over one fails ("only
+0-dimensional arrays can be converted to Python scalars"; triton 3.9's interpreter squeezes it
+first), while a truth test of it works. Compiled, the while loop is the same loop with no extra
+work; a bound from the host instead would cost a device-to-host sync (the longest sequence) or
+a trip count over all M tokens in every program.
+
 With m the margin (policy - reference, chosen - rejected, of sums, or of per-token averages for
 the length-normalized losses; no reference term for SimPO), z = beta * m, eps the label
 smoothing and softplus(x) = log(1 + e^x):
@@ -79,13 +88,16 @@ def _segment_sum(logps_ptr, valid_ptr, start, end, HAS_MASK: tl.constexpr, BLOCK
     """(sum of valid log-probs, count of valid tokens) over tokens [start, end)."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     count = tl.zeros([BLOCK], dtype=tl.int32)
-    for offset in range(start, end, BLOCK):
+    # A while loop, not range(start, end, BLOCK): see "Loop bounds" in the module docstring.
+    offset = start
+    while offset < end:
         index = offset + tl.arange(0, BLOCK)
         keep = index < end
         if HAS_MASK:
             keep = keep & (tl.load(valid_ptr + index, mask=keep, other=0) != 0)
         acc += tl.load(logps_ptr + index, mask=keep, other=0.0)
         count += keep.to(tl.int32)
+        offset += BLOCK
     return tl.sum(acc, axis=0), tl.sum(count, axis=0)
 
 
@@ -181,7 +193,8 @@ def _preference_loss_finalize_kernel(
     margin = tl.zeros([BLOCK], dtype=tl.float32)
     logps_c = tl.zeros([BLOCK], dtype=tl.float32)
     logps_r = tl.zeros([BLOCK], dtype=tl.float32)
-    for offset in range(0, num_pairs, BLOCK):
+    offset = 0  # a while loop: see "Loop bounds" in the module docstring
+    while offset < num_pairs:
         pair = offset + tl.arange(0, BLOCK)
         keep = pair < num_pairs
         loss += tl.load(pair_stats_ptr + pair, mask=keep, other=0.0)
@@ -193,6 +206,7 @@ def _preference_loss_finalize_kernel(
         margin += r_c - r_r
         logps_c += tl.load(seq_logps_ptr + 2 * pair, mask=keep, other=0.0)
         logps_r += tl.load(seq_logps_ptr + 2 * pair + 1, mask=keep, other=0.0)
+        offset += BLOCK
     inv = inv_num_pairs
     tl.store(metrics_ptr + 0, tl.sum(loss, axis=0) * inv)
     tl.store(metrics_ptr + 1, tl.sum(reward_c, axis=0) * inv)
@@ -218,7 +232,8 @@ def _preference_loss_bwd_kernel(
     start = tl.load(cu_ptr + seq)
     end = tl.load(cu_ptr + seq + 1)
     grad = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(seq_grad_ptr + seq) * inv_num_pairs
-    for offset in range(start, end, BLOCK):
+    offset = start  # a while loop: see "Loop bounds" in the module docstring
+    while offset < end:
         index = offset + tl.arange(0, BLOCK)
         inside = index < end
         value = tl.zeros([BLOCK], dtype=tl.float32) + grad
@@ -226,6 +241,7 @@ def _preference_loss_bwd_kernel(
             valid = tl.load(valid_ptr + index, mask=inside, other=0) != 0
             value = tl.where(valid, value, 0.0)
         tl.store(grad_logps_ptr + index, value, mask=inside)
+        offset += BLOCK
 
 
 # ------------------------------------------------------------------------------------------------

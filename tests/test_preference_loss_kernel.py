@@ -112,6 +112,21 @@ def test_kernel_sequence_sums_and_lengths():
     assert (counts == 0).any()  # the layout has an empty-after-masking sequence
 
 
+def test_kernel_loops_over_several_blocks(monkeypatch):
+    """Sequences longer than a block and more pairs than a block: every kernel loop (segment
+    sums, the backward fill, the finalize over pairs) takes several trips, ending mid-block."""
+    monkeypatch.setattr(kernels, "_BLOCK_TOKENS", 16)
+    monkeypatch.setattr(kernels, "_BLOCK_PAIRS", 16)
+    batch = make_packed(37, max_len=70, masked=True, seed=11)
+    assert (batch["target_cu"].diff() > 2 * 16).any()
+    got = run(batch, impl="triton", loss="sigmoid", beta=0.2)
+    want = run(batch, dtype=torch.float64, impl="torch", loss="sigmoid", beta=0.2)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-6)
+    for key in kernels.METRIC_NAMES[1:]:
+        torch.testing.assert_close(got[1][key].double(), want[1][key], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2].double(), want[2], rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize(("loss", "params"), KERNEL_CASES)
