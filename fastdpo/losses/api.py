@@ -233,9 +233,9 @@ def _ld_sums(
         if reading and (tails.ref_chosen is None or tails.ref_rejected is None):
             raise ValueError(
                 f"ld_alpha (LD-DPO) reweights the reference sums too, and loss {reading[0]!r} "
-                "reads them: pass tail_logps.ref_chosen and tail_logps.ref_rejected (from the "
-                "reference's per-token log-probs: a cache built with `fastdpo precompute-ref "
-                "--per-token`)"
+                "reads them: pass tail_logps.ref_chosen and tail_logps.ref_rejected (to "
+                "packed_preference_loss: ref_token_logps), from the reference's per-token "
+                "log-probs: a cache built with `fastdpo precompute-ref --per-token`"
             )
         if tails.ref_chosen is not None:
             ref_c, ref_r = _optional_pair(

@@ -13,6 +13,11 @@ Two implementations:
 - "torch": `torch.segment_reduce` sums, then `fastdpo.losses`; autograd gives the per-token
   gradient. It runs every registered paired loss.
 "auto" picks the kernel on CUDA when the loss has one, and PyTorch otherwise.
+
+TRL's loss options (`f_divergence_type`, `ld_alpha`, `use_weighting`; see
+`fastdpo.losses.options`) run on the PyTorch path: "auto" takes it when one is set, and
+"triton" refuses them. LD-DPO's tails and WPO's sums come from per-token values here
+(`ref_token_logps`, `token_log_sum_p2`), so nothing is recomputed from hidden states.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Literal
 import torch
 
 from fastdpo import losses
+from fastdpo.losses.options import LOSS_OPTIONS, LossOptions, TailLogps
 from fastdpo.ops.segments import segment_sums
 
 logger = logging.getLogger(__name__)
@@ -129,6 +135,55 @@ def _check_reference(name: str, ref: torch.Tensor | None, num_pairs: int, device
         raise ValueError(f"{name} is on {ref.device}, token_logps on {device}")
 
 
+def _check_per_token(name: str, values: torch.Tensor | None, token_logps: torch.Tensor) -> None:
+    if values is None:
+        return
+    if values.shape != token_logps.shape or not values.is_floating_point():
+        raise ValueError(
+            f"{name} must be a float tensor shaped like token_logps {tuple(token_logps.shape)} "
+            f"(one value per completion token, same order), got {values.dtype} "
+            f"{tuple(values.shape)}"
+        )
+    if values.device != token_logps.device:
+        raise ValueError(f"{name} is on {values.device}, token_logps on {token_logps.device}")
+
+
+# ------------------------------------------------------------------------------------------------
+# LD-DPO's tails
+
+
+def ld_tail_sums(
+    values: torch.Tensor, target_cu: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[S] sums of each sequence's values past its pair's shared length (LD-DPO's tails).
+
+    values: [M] float per-token values (log-probs) of paired sequences in the packed layout
+    (sequence 2p chosen, 2p + 1 rejected; `target_cu` [2P + 1] offsets). The shared length of
+    pair p is min(L_2p, L_2p+1), counting valid tokens only; a sequence's tail is its valid
+    tokens after the first `shared` ones (the shorter sequence's tail is empty). As TRL's
+    `comp_pos > shared_lens` mask. Differentiable w.r.t. `values`; no host sync.
+    """
+    offsets = target_cu.to(torch.int64)
+    num_tokens = values.shape[0]
+    starts, ends = offsets[:-1], offsets[1:]
+    sequence_of = torch.repeat_interleave(
+        torch.arange(starts.shape[0], device=values.device), ends - starts, output_size=num_tokens
+    )
+    if valid is None:
+        position = torch.arange(num_tokens, device=values.device) - starts[sequence_of]
+        counts = ends - starts
+    else:
+        prefix = torch.nn.functional.pad(valid.to(torch.int64).cumsum(0), (1, 0))
+        position = prefix[1:] - 1 - prefix[starts][sequence_of]  # rank among the valid tokens
+        counts = prefix[ends] - prefix[starts]
+    shared = torch.minimum(counts[0::2], counts[1::2]).repeat_interleave(2)
+    in_tail = position >= shared[sequence_of]
+    if valid is not None:
+        in_tail = in_tail & valid
+    tails, _ = segment_sums(values, target_cu, in_tail)
+    return tails
+
+
 # ------------------------------------------------------------------------------------------------
 # Implementation choice
 
@@ -155,8 +210,15 @@ def _kernel_options(
     loss_params: dict,
     ref_chosen: torch.Tensor | None,
     ref_rejected: torch.Tensor | None,
+    trl_options: LossOptions,
 ) -> tuple[PackedLossOptions | None, str]:
     """(options, "") if the kernel computes this loss, else (None, why not)."""
+    if not trl_options.is_default:
+        return None, (
+            "the kernel does not implement TRL's loss options (f_divergence_type="
+            f"{trl_options.f_divergence_type!r}, ld_alpha={trl_options.ld_alpha}, "
+            f"use_weighting={trl_options.use_weighting}); impl='torch' or 'auto' runs them"
+        )
     if not isinstance(loss, str):
         return None, "the kernel computes a single loss given by name, not a combination"
     if loss not in _KERNEL_FORMULAS:
@@ -282,8 +344,30 @@ def _torch_path(
     loss: str | Mapping[str, float],
     beta: float,
     loss_params: dict,
+    trl_options: LossOptions,
+    ref_token_logps: torch.Tensor | None,
+    token_log_sum_p2: torch.Tensor | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     sums, counts = segment_sums(token_logps, target_cu, valid)
+    per_token: dict[str, object] = {}
+    if ref_token_logps is not None and ref_chosen is None and ref_rejected is None:
+        ref_sums, _ = segment_sums(ref_token_logps, target_cu, valid)
+        ref_chosen, ref_rejected = ref_sums[0::2], ref_sums[1::2]
+    if trl_options.ld_alpha is not None:
+        tails = ld_tail_sums(token_logps, target_cu, valid)
+        ref_tails = (
+            ld_tail_sums(ref_token_logps, target_cu, valid) if ref_token_logps is not None else None
+        )
+        per_token["tail_logps"] = TailLogps(
+            policy_chosen=tails[0::2],
+            policy_rejected=tails[1::2],
+            ref_chosen=None if ref_tails is None else ref_tails[0::2],
+            ref_rejected=None if ref_tails is None else ref_tails[1::2],
+        )
+    if token_log_sum_p2 is not None:  # preference_loss refuses it without use_weighting
+        log_sum_p2, _ = segment_sums(token_log_sum_p2.detach(), target_cu, valid)
+        per_token["chosen_log_sum_p2"] = log_sum_p2[0::2]
+        per_token["rejected_log_sum_p2"] = log_sum_p2[1::2]
     return losses.preference_loss(
         sums[0::2],
         sums[1::2],
@@ -293,6 +377,7 @@ def _torch_path(
         beta=beta,
         chosen_lengths=counts[0::2],
         rejected_lengths=counts[1::2],
+        **per_token,
         **loss_params,
     )
 
@@ -311,6 +396,8 @@ def packed_preference_loss(
     beta: float = 0.1,
     valid: torch.Tensor | None = None,
     impl: Impl = "auto",
+    ref_token_logps: torch.Tensor | None = None,
+    token_log_sum_p2: torch.Tensor | None = None,
     **loss_params,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Preference loss and metrics from packed per-token log-probs of paired completions.
@@ -328,6 +415,13 @@ def packed_preference_loss(
             get zero gradient. A sequence may end up empty.
         impl: "triton" (the fused kernel: CUDA, or the CPU under TRITON_INTERPRET=1; sigmoid,
             robust, hinge, ipo, simpo), "torch" (every registered paired loss), or "auto".
+        ref_token_logps: [M] reference log-probs per completion token (a cache built with
+            `fastdpo precompute-ref --per-token`): needed with ld_alpha by the losses that read
+            the reference; ref_chosen / ref_rejected are their sums when not given.
+        token_log_sum_p2: [M] log sum_v p_v^2 per token (the fused head's "log_sum_p2"; no
+            gradient flows into it): needed with use_weighting.
+        f_divergence_type, f_alpha_divergence_coef, ld_alpha, use_weighting (in loss_params):
+            TRL's loss options, as in `fastdpo.preference_loss` (PyTorch path only).
 
     Returns:
         (loss, metrics) as `fastdpo.preference_loss`; metrics are device tensors (no host sync).
@@ -336,7 +430,13 @@ def packed_preference_loss(
     num_pairs = _validate(token_logps, target_cu, valid)
     _check_reference("ref_chosen", ref_chosen, num_pairs, token_logps.device)
     _check_reference("ref_rejected", ref_rejected, num_pairs, token_logps.device)
-    options, why_not = _kernel_options(loss, beta, loss_params, ref_chosen, ref_rejected)
+    _check_per_token("ref_token_logps", ref_token_logps, token_logps)
+    _check_per_token("token_log_sum_p2", token_log_sum_p2, token_logps)
+    trl_options = LossOptions(**{k: loss_params[k] for k in LOSS_OPTIONS if k in loss_params})
+    kernel_params = {k: v for k, v in loss_params.items() if k not in LOSS_OPTIONS}
+    options, why_not = _kernel_options(
+        loss, beta, kernel_params, ref_chosen, ref_rejected, trl_options
+    )
     resolved = _resolve_impl(impl, token_logps.device, why_not)
     logger.debug(
         "packed_preference_loss: impl=%s (asked %s), loss=%s, %d pairs, %d tokens%s",
@@ -358,5 +458,15 @@ def packed_preference_loss(
             "fastdpo.preference_loss with the desirable and undesirable groups"
         )
     return _torch_path(
-        token_logps, target_cu, ref_chosen, ref_rejected, valid, loss, beta, loss_params
+        token_logps,
+        target_cu,
+        ref_chosen,
+        ref_rejected,
+        valid,
+        loss,
+        beta,
+        loss_params,
+        trl_options,
+        ref_token_logps,
+        token_log_sum_p2,
     )
