@@ -13,13 +13,23 @@ import sys
 from collections.abc import Callable, Sequence
 
 from fastdpo.demo import add_parser as add_demo
+from fastdpo.evaluation.generate_pairs_command import add_parser as add_generate_pairs
+from fastdpo.evaluation.iterate_command import add_parser as add_iterate
+from fastdpo.evaluation.sweep_command import add_parser as add_sweep
 from fastdpo.precompute import add_parser as add_precompute_ref
 from fastdpo.train.command import add_parser as add_train
 
 SubcommandAdder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 
-SUBCOMMANDS: list[SubcommandAdder] = [add_demo, add_train, add_precompute_ref]
+SUBCOMMANDS: list[SubcommandAdder] = [
+    add_demo,
+    add_train,
+    add_precompute_ref,
+    add_sweep,
+    add_generate_pairs,
+    add_iterate,
+]
 
 
 class _OneLineErrors(argparse.ArgumentParser):
