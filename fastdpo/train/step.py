@@ -160,8 +160,10 @@ def train_step(
         with sync:  # the forward too: DDP decides in its forward whether backward all-reduces
             batch, share, loss, metrics = next(weighted)
             (loss * (0.0 if is_filler else share)).backward()  # one graph at a time
-        if is_filler:
+        if is_filler:  # its metric names with zeros: every rank then reduces the same keys
             settings.bco_state = bco_before
+            zeros = {k: torch.zeros_like(v) for k, v in metrics.items() if k not in _STATE_METRICS}
+            _accumulate(sums, zeros, 0.0)
             continue
         total += loss.detach() * share
         _accumulate(sums, metrics, share)
