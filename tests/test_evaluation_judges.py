@@ -327,12 +327,26 @@ def test_compare_generations_names_the_model_and_prompt_a_judge_failed_on(eos_mo
         compare_generations(models, PROMPTS, judge, max_new_tokens=2, device="cpu")
 
 
-def test_compare_generations_refuses_a_missing_model(eos_models, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+def test_compare_generations_refuses_a_missing_model_before_sampling_and_an_unscored_one(
+    eos_models, tmp_path
+):
+    calls = []
+
+    def judge(prompt, response):
+        calls.append(response)
+        return math.nan if len(calls) <= 2 * len(PROMPTS) else 1.0
+
+    models = [str(eos_models["short"]), str(eos_models["plain"])]
+    with pytest.raises(ValueError, match=r"no prompt where .*short and another model both"):
+        compare_generations(models, PROMPTS, judge, num_samples=2, max_new_tokens=2, device="cpu")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError, match="nope: no such folder"):
         compare_generations(
             [str(eos_models["short"]), str(tmp_path / "nope")],
             PROMPTS,
-            length_judge,
+            judge,
             max_new_tokens=2,
             device="cpu",
         )
+    assert calls == []  # refused before the first model sampled

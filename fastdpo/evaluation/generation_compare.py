@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,9 @@ def compare_generations(
         top_p=top_p,
         seed=seed,
     )
+    for path in models:  # a typo in the last model fails before the first one samples
+        if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"model {path}: no such folder")
     prompt_list = load_prompts(prompts)
     judge = load_judge(judge, device=device)
     calls_before = judge.calls
@@ -95,6 +99,12 @@ def compare_generations(
         means.append(float(scores[finite].mean()) if finite.any() else math.nan)
 
     wins, compared = pairwise_outcomes(per_prompt)
+    unscored = [path for m, path in enumerate(models) if not compared[m].any()]
+    if unscored:
+        raise ValueError(
+            f"no prompt where {unscored[0]} and another model both have a scored answer (the "
+            "judge gave NaN); nothing to rank it by: check the judge on its answers"
+        )
     win_rates = {
         a: {
             b: (float(wins[i, j] / compared[i, j]) if compared[i, j] else None)

@@ -108,10 +108,14 @@ def parse_list(text: str, convert, name: str) -> list:
     return values
 
 
+def loss_label(loss: Any) -> str:
+    """A loss as a short name: its registry name, or a mapping's names joined by '+'."""
+    return loss if isinstance(loss, str) else "+".join(loss)
+
+
 def run_name(beta: float, loss: Any) -> str:
-    """The run's folder name: beta<beta>-<loss> (a mapping loss: its names joined by '+')."""
-    loss_name = loss if isinstance(loss, str) else "+".join(loss)
-    return f"beta{beta:g}-{loss_name}"
+    """The run's folder name: beta<beta>-<loss label>."""
+    return f"beta{beta:g}-{loss_label(loss)}"
 
 
 def plan_runs(config: TrainConfig, betas: list[float], losses: list[Any]) -> list[TrainConfig]:
@@ -246,11 +250,11 @@ def _plot(runs: list[SweepRun], path: Path) -> Path | None:
         ("drift: mean log pi - log pi_ref", ("drift_chosen", "drift_rejected")),
     )
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    losses = list(dict.fromkeys(run_name(1, r.loss).split("-", 1)[1] for r in runs))
+    losses = list(dict.fromkeys(loss_label(r.loss) for r in runs))
     for axis, (title, keys) in zip(axes, panels, strict=True):
         for loss in losses:
             mine = sorted(
-                (r for r in runs if run_name(1, r.loss).split("-", 1)[1] == loss),
+                (r for r in runs if loss_label(r.loss) == loss),
                 key=lambda r: r.beta,
             )
             for key in keys:
