@@ -374,13 +374,20 @@ class TrainConfig:
                 f"loss: {self.loss!r} trains on unpaired (KTO) data, which the trainer does not "
                 "run yet; use the library (fastdpo.preference_loss with loss='kto') in your loop"
             )
+        from fastdpo.losses import LOSS_OPTIONS, LossOptions
+
         accepted = {p for spec in specs for p in spec.params}
         for key in self.loss_params:
-            if key not in accepted:
+            if key not in accepted and key not in LOSS_OPTIONS:
                 raise ConfigError(
                     f"{key}: not a parameter of loss {self.loss!r} (its parameters: "
-                    f"{sorted(accepted) or 'none'})"
+                    f"{sorted(accepted) or 'none'}; TRL's options: {', '.join(LOSS_OPTIONS)})"
                 )
+        try:  # TRL's loss options: values, and whether they apply to these losses
+            options = {k: v for k, v in self.loss_params.items() if k in LOSS_OPTIONS}
+            LossOptions(**options).check(specs)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         for key, why in _TRAINER_OWNED_PARAMS.items():
             if key in self.loss_params:
                 raise ConfigError(f"{key}: set by the trainer itself ({why})")
@@ -436,10 +443,11 @@ def field_docs() -> dict[str, str]:
 
 
 def loss_parameter_names() -> set[str]:
-    """Every keyword parameter of a registered loss (allowed as top-level config keys)."""
-    from fastdpo.losses import LOSSES
+    """Every keyword parameter of a registered loss, and TRL's loss options (f_divergence_type,
+    ld_alpha, ...): allowed as top-level config keys."""
+    from fastdpo.losses import LOSS_OPTIONS, LOSSES
 
-    return {p for spec in LOSSES.values() for p in spec.params}
+    return {p for spec in LOSSES.values() for p in spec.params} | set(LOSS_OPTIONS)
 
 
 def unknown_key_message(key: str) -> str:
