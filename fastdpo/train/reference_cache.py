@@ -7,6 +7,11 @@ none matches it loads the reference model, builds the cache into `output_dir/ref
 frees the model before training starts. `reference: <folder>` opens that cache and checks it
 against the tokenizer, settings and data. `reference: none` (reference-free losses) skips it.
 Train and eval pairs get one cache each (`train/`, `eval/`), so their example ids never mix.
+
+`ld_alpha` (LD-DPO) reweights the reference's tokens past each pair's shared length, so it needs
+the reference's per-token log-probs: with it the cache is built with them, a cache found
+without them is not reused, and a given one without them is refused (naming the command that
+rebuilds it).
 """
 
 from __future__ import annotations
@@ -67,8 +72,11 @@ def prepare_reference(
     settings = tokenization_settings(**config.tokenization_kwargs())
     wanted = {name: pairs for name, pairs in splits.items() if pairs}
     if config.reference != "auto":
-        return RunReference(**_open_given(Path(config.reference), tokenizer, settings, wanted))
+        return RunReference(
+            **_open_given(Path(config.reference), tokenizer, settings, wanted, config)
+        )
 
+    per_token = needs_per_token(config)
     candidates = _candidate_roots(Path(config.output_dir))
     model = load_model(config.ref_model_path)
     try:
@@ -78,7 +86,7 @@ def prepare_reference(
                 model=model, tokenizer=tokenizer, tokenization=settings, examples=pairs
             )
             expect["dtype"] = model_dtype(model)  # a bf16 pass is not an fp32 one
-            found = _find_matching(candidates, name, expect)
+            found = _find_matching(candidates, name, expect, per_token=per_token)
             if found is not None:
                 logger.info("reusing the %s reference cache %s (fingerprint matches)", name, found)
                 caches[name] = found
@@ -91,7 +99,9 @@ def prepare_reference(
                 "computing reference log-probs of %d %s pairs into %s", len(pairs), name, out
             )
             with autocast():
-                caches[name] = _build(model, pairs, out, tokenizer, settings, config, device)
+                caches[name] = _build(
+                    model, pairs, out, tokenizer, settings, config, device, per_token=per_token
+                )
             built = True
     finally:
         del model
@@ -103,7 +113,14 @@ def prepare_reference(
     return RunReference(**caches, built=built)
 
 
-def _build(model, pairs, out, tokenizer, settings, config, device) -> ReferenceCache:
+def needs_per_token(config: TrainConfig) -> bool:
+    """True if the run's loss reads the reference's per-token log-probs (ld_alpha is set)."""
+    return config.loss_params.get("ld_alpha") is not None
+
+
+def _build(
+    model, pairs, out, tokenizer, settings, config, device, *, per_token: bool = False
+) -> ReferenceCache:
     budget = config.reference_max_tokens_per_batch or 4 * config.max_tokens_per_batch
     return ReferenceCache.build(
         model.to(device),
@@ -112,6 +129,7 @@ def _build(model, pairs, out, tokenizer, settings, config, device) -> ReferenceC
         tokenizer=tokenizer,
         tokenization=settings,
         max_tokens_per_batch=max(budget, config.max_tokens_per_batch),
+        per_token=per_token,
         overwrite=True,
         progress=config.progress,
     )
@@ -128,20 +146,31 @@ def _candidate_roots(output_dir: Path) -> list[Path]:
     return roots
 
 
-def _find_matching(roots: list[Path], split: str, expect: dict) -> ReferenceCache | None:
+def _find_matching(
+    roots: list[Path], split: str, expect: dict, *, per_token: bool = False
+) -> ReferenceCache | None:
     for root in roots:
         path = root / split
         if not (path / "manifest.json").exists():
             continue
         try:
-            return ReferenceCache.open(path, expect=expect)
+            cache = ReferenceCache.open(path, expect=expect)
         except ReferenceCacheError as error:  # another run's inputs, or damaged: not ours
             logger.info("not reusing %s: %s", path, error)
+            continue
+        if per_token and not cache.per_token:
+            logger.info("not reusing %s: no per-token log-probs (ld_alpha needs them)", path)
+            continue
+        return cache
     return None
 
 
 def _open_given(
-    path: Path, tokenizer: Any, settings: dict, wanted: dict[str, list[TokenizedPair]]
+    path: Path,
+    tokenizer: Any,
+    settings: dict,
+    wanted: dict[str, list[TokenizedPair]],
+    config: TrainConfig,
 ) -> dict[str, ReferenceCache]:
     """`reference: <folder>`: a cache for the training pairs (the folder itself, or its
     `train/`), and `eval/` beside it for held-out pairs."""
@@ -151,6 +180,7 @@ def _open_given(
             "reference: auto"
         )
     caches = {}
+    per_token = needs_per_token(config)
     for name, pairs in wanted.items():
         folder = path / name if (path / name / "manifest.json").exists() else path
         expect = expected_fields(tokenizer=tokenizer, tokenization=settings)
@@ -159,5 +189,11 @@ def _open_given(
             cache.check_coverage(pairs)
         except ReferenceCacheError as error:
             raise ConfigError(f"reference: {error}") from None
+        if per_token and not cache.per_token:
+            raise ConfigError(
+                f"reference: {folder} holds no per-token log-probs, which ld_alpha (LD-DPO) "
+                "needs: rebuild it with `fastdpo precompute-ref --per-token` (same model, data "
+                "and tokenization options), or use reference: auto"
+            )
         caches[name] = cache
     return caches
