@@ -20,10 +20,12 @@ import pytest
 import torch
 
 from fastdpo.losses import (
+    HEAD_METRIC_STATS,
     LOSSES,
     LossOptions,
     TailLogps,
     f_divergence_scores,
+    head_metrics,
     preference_loss,
     register_loss,
 )
@@ -130,6 +132,38 @@ def test_reward_metrics_match_trl(name):
     for key in ("logps/chosen", "logps/rejected"):
         assert float(metrics[key]) == pytest.approx(case["metrics"][key], rel=TRL_LOGPS_RTOL), key
     assert float(metrics["rewards/accuracies"]) == case["metrics"]["rewards/accuracies"]
+
+
+@pytest.mark.parametrize("kind", ["base", "large"])
+def test_head_metrics_match_trl(kind):
+    """entropy, logits/chosen, logits/rejected, mean_token_accuracy from per-token head
+    statistics, as TRL 1.16 logs them (its masked token means over the same inputs)."""
+    case = next(c for c in CASES.values() if c["inputs"] == kind)
+    x = packed_inputs(kind)
+    stats = {"entropy": x["entropy"], "mean_logit": x["mean_logit"], "is_top1": x["is_top1"]}
+    metrics = head_metrics(stats, x["target_cu"])
+    assert set(metrics) == set(HEAD_METRIC_STATS)
+    for key in HEAD_METRIC_STATS:
+        assert metrics[key].dtype == torch.float32
+        assert float(metrics[key]) == pytest.approx(case["metrics"][key], rel=1e-6), key
+    only_entropy = head_metrics({"entropy": x["entropy"]}, x["target_cu"])
+    assert set(only_entropy) == {"entropy"}
+
+
+def test_head_metrics_of_empty_sides_are_zero():
+    cu = torch.tensor([0, 0, 3, 4, 5], dtype=torch.int32)  # pair 0: empty chosen
+    stats = {
+        "entropy": torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]),
+        "mean_logit": torch.tensor([1.0, 2.0, 3.0, -4.0, -6.0]),
+        "is_top1": torch.tensor([True, True, False, True, False]),
+    }
+    metrics = head_metrics(stats, cu)
+    assert float(metrics["entropy"]) == pytest.approx(3.0)
+    assert float(metrics["logits/chosen"]) == pytest.approx(-4.0)  # pair 1's chosen only
+    assert float(metrics["logits/rejected"]) == pytest.approx(0.0)
+    assert float(metrics["mean_token_accuracy"]) == pytest.approx(1.0)
+    empty = head_metrics({k: v[:0] for k, v in stats.items()}, torch.zeros(3, dtype=torch.int32))
+    assert all(float(v) == 0.0 for v in empty.values())
 
 
 def test_the_trl_record_exercises_every_option():

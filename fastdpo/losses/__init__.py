@@ -24,7 +24,7 @@ with the `register_loss` decorator.
 
 Modules: `inputs` (LossInputs), `registry` (LOSSES, register_loss, parameter checks),
 `options` (TRL's f-divergences, LD-DPO, WPO), `pairwise` (the reference-based paired losses),
-`reference_free` (simpo, orpo, sft), `kto`, `metrics` (reward_metrics) and `api`
+`reference_free` (simpo, orpo, sft), `kto`, `metrics` (reward_metrics, head_metrics) and `api`
 (preference_loss). Importing the package registers every
 loss.
 """
@@ -32,7 +32,7 @@ loss.
 from fastdpo.losses.api import preference_loss
 from fastdpo.losses.inputs import LossInputs
 from fastdpo.losses.kto import kto
-from fastdpo.losses.metrics import reward_metrics
+from fastdpo.losses.metrics import HEAD_METRIC_STATS, head_metrics, reward_metrics
 from fastdpo.losses.options import (
     F_DIVERGENCE_TYPES,
     LOSS_OPTIONS,
@@ -74,6 +74,7 @@ from fastdpo.losses.registry import (
 
 __all__ = [
     "F_DIVERGENCE_TYPES",
+    "HEAD_METRIC_STATS",
     "LOSSES",
     "LOSS_OPTIONS",
     "LossFn",
@@ -94,6 +95,7 @@ __all__ = [
     "discopop",
     "exo_pair",
     "f_divergence_scores",
+    "head_metrics",
     "hinge",
     "ipo",
     "kto",
