@@ -33,8 +33,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-Impl = Literal["auto", "triton", "torch"]
-IMPLS: tuple[str, ...] = ("auto", "triton", "torch")
+Impl = Literal["auto", "triton", "torch", "cublas"]
+IMPLS: tuple[str, ...] = ("auto", "triton", "torch", "cublas")
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 LOGITS_BLOCK_BYTES = 32 * 2**20
@@ -62,7 +62,7 @@ class LinearLogprobsOptions:
     """Logits are divided by this after soft-capping."""
     ignore_index: int = -100
     """Rows whose target equals this give 0 and receive no gradient."""
-    impl: Literal["triton", "torch"] = "torch"
+    impl: Literal["triton", "torch", "cublas"] = "torch"
     """The resolved implementation (never "auto" here)."""
     logits_block_bytes: int = LOGITS_BLOCK_BYTES
     """torch impl: byte budget of one block's fp32 logits."""
@@ -187,11 +187,21 @@ def _triton_unavailable_reason(device: torch.device) -> str | None:
     return f"the Triton kernels do not run on {device.type}; use impl='torch' or 'auto'"
 
 
-def _resolve_impl(impl: str, device: torch.device) -> Literal["triton", "torch"]:
+def _resolve_impl(impl: str, device: torch.device) -> Literal["triton", "torch", "cublas"]:
+    """The impl that runs. "auto": "triton" on CUDA (when triton imports), else "torch"; the
+    "cublas" impl (fastdpo.ops.linear_logprobs_cublas) runs only when asked for, until a GPU
+    measurement of the head benchmark (benchmarks/bench_linear_logprobs.py) shows it ahead."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "torch":
         return "torch"
+    if impl == "cublas":
+        from fastdpo.ops import linear_logprobs_cublas
+
+        reason = linear_logprobs_cublas.unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"linear_logprobs(impl='cublas'): {reason}")
+        return "cublas"
     if impl == "triton":
         reason = _triton_unavailable_reason(device)
         if reason is not None:
@@ -471,6 +481,10 @@ def _implementation(options: LinearLogprobsOptions) -> tuple[Callable, Callable]
         from fastdpo.kernels import linear_logprobs as kernels
 
         return kernels.linear_logprobs_forward, kernels.linear_logprobs_backward
+    if options.impl == "cublas":  # its own tile budget (linear_logprobs_cublas.TILE_BYTES)
+        from fastdpo.ops import linear_logprobs_cublas as cublas
+
+        return cublas.linear_logprobs_forward, cublas.linear_logprobs_backward
     return (
         functools.partial(_torch_forward, logits_block_bytes=options.logits_block_bytes),
         functools.partial(_torch_backward, logits_block_bytes=options.logits_block_bytes),
