@@ -644,3 +644,138 @@ def test_loss_options_object_is_default_only_without_options():
     assert LossOptions(f_divergence_type="reverse_kl", f_alpha_divergence_coef=3.0).is_default
     for kwargs in ({"ld_alpha": 1.0}, {"use_weighting": True}, {"f_divergence_type": "forward_kl"}):
         assert not LossOptions(**kwargs).is_default
+
+
+# ------------------------------------------------------------------------------------------------
+# The training step: options from the config's loss parameters, per-token values from the head
+# and the reference cache
+
+
+def _step_setup(tmp_path, *, per_token: bool):
+    import random
+
+    from fastdpo.data.types import TokenizedPair
+    from fastdpo.reference import ReferenceCache
+    from fastdpo.testing.models import tiny_model
+    from fastdpo.testing.tokenizer import build_tiny_tokenizer
+
+    rng = random.Random(0)
+
+    def ids(lo, hi):
+        return [rng.randrange(3, 90) for _ in range(rng.randint(lo, hi))]
+
+    pairs = [
+        TokenizedPair(
+            example_id=f"p{i}",
+            prompt_ids=ids(2, 6),
+            chosen_ids=ids(1, 9),
+            rejected_ids=ids(1, 9),
+        )
+        for i in range(6)
+    ]
+    reference_model = tiny_model("llama", seed=1)
+    cache = ReferenceCache.build(
+        reference_model,
+        pairs,
+        tmp_path / f"ref_{per_token}",
+        tokenizer=build_tiny_tokenizer(),
+        tokenization={"max_length": 64},
+        max_tokens_per_batch=400,
+        per_token=per_token,
+        progress=False,
+    )
+    from fastdpo.data.packing import pack_pairs
+
+    batch = next(iter(pack_pairs(pairs, max_tokens_per_batch=400, shuffle=False)))
+    return tiny_model("llama", seed=0).train(), batch, cache
+
+
+def test_step_ld_alpha_reads_per_token_values_of_head_and_cache(tmp_path):
+    from fastdpo.model import sequence_logps
+    from fastdpo.train.step import LossSettings, batch_loss
+
+    model, batch, cache = _step_setup(tmp_path, per_token=True)
+    settings = LossSettings(loss="sigmoid", beta=0.1, params={"ld_alpha": 0.3})
+    loss, metrics = batch_loss(model, batch, cache, settings)
+    out = sequence_logps(model, batch, return_token_logps=True)
+    ref = cache.for_batch(batch, with_tokens=True)
+    expected, expected_metrics = packed_preference_loss(
+        out.token_logps,
+        batch.target_cu,
+        ref_token_logps=ref.token_logps,
+        loss="sigmoid",
+        beta=0.1,
+        ld_alpha=0.3,
+        impl="torch",
+    )
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert float(metrics["rewards/margins"]) == pytest.approx(
+        float(expected_metrics["rewards/margins"]), rel=1e-5, abs=1e-7
+    )
+    plain, _ = batch_loss(model, batch, cache, LossSettings(loss="sigmoid", beta=0.1))
+    assert float(plain.detach()) != pytest.approx(
+        float(loss.detach()), rel=1e-4
+    )  # tails reweighted
+
+
+def test_step_ld_alpha_with_a_cache_without_per_token_values_names_the_command(tmp_path):
+    from fastdpo.reference_shards import ReferenceCacheError
+    from fastdpo.train.step import LossSettings, batch_loss
+
+    model, batch, cache = _step_setup(tmp_path, per_token=False)
+    settings = LossSettings(loss="sigmoid", params={"ld_alpha": 0.3})
+    with pytest.raises(ReferenceCacheError, match="fastdpo precompute-ref --per-token"):
+        batch_loss(model, batch, cache, settings)
+
+
+def test_step_asks_the_head_for_statistics_only_when_needed():
+    from fastdpo.train.step import LossSettings
+
+    assert LossSettings().head_stats() == ()
+    assert LossSettings(params={"ld_alpha": 0.5}).head_stats() == ()
+    assert LossSettings(params={"use_weighting": True}).head_stats() == ("log_sum_p2",)
+    assert set(LossSettings(head_metrics=True).head_stats()) == {
+        "entropy",
+        "mean_logit",
+        "is_top1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"ld_alpha": 2.0}, r"ld_alpha: got 2.0"),
+        ({"f_divergence_type": "js_divergence", "loss": "nca_pair"}, "score difference"),
+        ({"use_weighting": True, "loss": "aot"}, "sorts the batch's margins"),
+    ],
+)
+def test_config_refuses_options_that_do_not_apply(params, message):
+    from fastdpo.train.config import ConfigError, TrainConfig
+
+    params = dict(params)
+    loss = params.pop("loss", "sigmoid")
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict({"model": "m", "data": "d", "loss": loss, **params})
+
+
+def test_config_takes_the_options_as_top_level_keys():
+    from fastdpo.train.config import TrainConfig, loss_parameter_names
+
+    config = TrainConfig.from_dict(
+        {
+            "model": "m",
+            "data": "d",
+            "loss": "sigmoid_norm",
+            "f_divergence_type": "alpha_divergence",
+            "f_alpha_divergence_coef": 0.3,
+            "ld_alpha": 0.5,
+            "use_weighting": True,
+        }
+    )
+    assert config.loss_params == {
+        "f_divergence_type": "alpha_divergence",
+        "f_alpha_divergence_coef": 0.3,
+        "ld_alpha": 0.5,
+        "use_weighting": True,
+    }
+    assert {"f_divergence_type", "ld_alpha", "use_weighting"} <= loss_parameter_names()

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 
 from fastdpo.data.types import PackedBatch
-from fastdpo.losses import RunningMean, preference_loss
+from fastdpo.losses import RunningMean, TailLogps, head_metrics, preference_loss
+from fastdpo.ops.preference_loss import ld_tail_sums
+from fastdpo.ops.segments import segment_sums
 from fastdpo.reference import ReferenceCache
 from fastdpo.train.distributed import packed_forward
 
@@ -40,6 +42,17 @@ class LossSettings:
     params: dict[str, Any] = field(default_factory=dict)
     bco_state: RunningMean | None = None
     """BCO's running mean between calls (None for other losses)."""
+    head_metrics: bool = False
+    """Also log TRL's entropy, logits/chosen, logits/rejected and mean_token_accuracy (asks the
+    fused head for per-token statistics; off, the head computes none of them)."""
+
+    def head_stats(self) -> tuple[str, ...]:
+        """The per-token head statistics the step needs: "log_sum_p2" for WPO
+        (use_weighting), the metrics' own with `head_metrics`; () when none (no cost)."""
+        stats = ("log_sum_p2",) if self.params.get("use_weighting") else ()
+        if self.head_metrics:
+            stats += ("entropy", "mean_logit", "is_top1")
+        return stats
 
 
 @dataclass(kw_only=True)
@@ -81,12 +94,19 @@ def batch_loss(
 
     `nll_denominator`: for token-mean NLL terms (sft, orpo), what they divide by (see the
     module docstring); None: the batch's own chosen tokens."""
-    out = packed_forward(model, batch)  # through a DDP / FSDP2 wrapper's forward when wrapped
-    ref_chosen = ref_rejected = None
+    ld_alpha = settings.params.get("ld_alpha")
+    stats = settings.head_stats()
+    forward: dict[str, Any] = {"stats": stats} if stats else {}
+    if ld_alpha is not None:  # LD-DPO's tails are sums of per-token log-probs
+        forward["return_token_logps"] = True
+    # Through a DDP / FSDP2 wrapper's forward when wrapped.
+    out = packed_forward(model, batch, **forward)
+    ref_chosen = ref_rejected = ref_tokens = None
     if reference is not None:
-        ref = reference.for_batch(batch)
-        ref_chosen, ref_rejected = ref.chosen, ref.rejected
+        ref = reference.for_batch(batch, with_tokens=ld_alpha is not None)
+        ref_chosen, ref_rejected, ref_tokens = ref.chosen, ref.rejected, ref.token_logps
     params = dict(settings.params)
+    params.update(_per_token_loss_inputs(out, ref_tokens, batch, ld_alpha, stats))
     if settings.bco_state is not None:
         params["bco_state"] = settings.bco_state
     if nll_denominator is not None and takes_nll_denominator(settings.loss):
@@ -104,7 +124,31 @@ def batch_loss(
     )
     if "bco/reward_mean" in metrics:
         settings.bco_state = RunningMean.from_metrics(metrics)
+    if settings.head_metrics:
+        metrics.update(head_metrics(out.token_stats, batch.target_cu))
     return loss, metrics
+
+
+def _per_token_loss_inputs(
+    out, ref_tokens: torch.Tensor | None, batch: PackedBatch, ld_alpha, stats: tuple[str, ...]
+) -> dict[str, Any]:
+    """What TRL's options read from per-token values, as sums per sequence: LD-DPO's tails
+    (policy, and reference when the cache gives per-token values) and WPO's log sum p^2 sums.
+    Everything comes from the head's one pass; nothing here touches the hidden states."""
+    inputs: dict[str, Any] = {}
+    if ld_alpha is not None:
+        tails = ld_tail_sums(out.token_logps, batch.target_cu)
+        ref_tails = None if ref_tokens is None else ld_tail_sums(ref_tokens, batch.target_cu)
+        inputs["tail_logps"] = TailLogps(
+            policy_chosen=tails[0::2],
+            policy_rejected=tails[1::2],
+            ref_chosen=None if ref_tails is None else ref_tails[0::2],
+            ref_rejected=None if ref_tails is None else ref_tails[1::2],
+        )
+    if "log_sum_p2" in stats:
+        sums, _ = segment_sums(out.token_stats["log_sum_p2"].detach(), batch.target_cu)
+        inputs["chosen_log_sum_p2"], inputs["rejected_log_sum_p2"] = sums[0::2], sums[1::2]
+    return inputs
 
 
 def train_step(
@@ -202,6 +246,7 @@ def evaluate_batches(
         beta=settings.beta,
         params=settings.params,
         bco_state=settings.bco_state,
+        head_metrics=settings.head_metrics,
     )
     was_training = model.training
     model.eval()
