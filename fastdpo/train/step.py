@@ -103,8 +103,12 @@ def batch_loss(
     out = packed_forward(model, batch, **forward)
     ref_chosen = ref_rejected = ref_tokens = None
     if reference is not None:
-        ref = reference.for_batch(batch, with_tokens=ld_alpha is not None)
-        ref_chosen, ref_rejected, ref_tokens = ref.chosen, ref.rejected, ref.token_logps
+        if ld_alpha is None:
+            ref = reference.for_batch(batch)
+        else:  # LD-DPO reweights the reference's tokens too
+            ref = reference.for_batch(batch, with_tokens=True)
+            ref_tokens = ref.token_logps
+        ref_chosen, ref_rejected = ref.chosen, ref.rejected
     params = dict(settings.params)
     params.update(_per_token_loss_inputs(out, ref_tokens, batch, ld_alpha, stats))
     if settings.bco_state is not None:
