@@ -332,6 +332,9 @@ def environment(device: torch.device) -> dict:
             env[column] = metadata.version(distribution)
         except metadata.PackageNotFoundError:
             env[column] = "not installed"
+    # torch's CUDA build from PyPI has no local tag in its distribution version ("2.11.0"); its
+    # __version__ names the build ("2.11.0+cu130", "2.13.0+cpu").
+    env["torch"] = torch.__version__
     env["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     env["commit"] = git_commit()
     return env
