@@ -311,6 +311,21 @@ def test_sft_under_weighting_is_the_nll_times_the_mean_weight():
     assert float(metrics["nll_loss"]) == pytest.approx(plain_nll, rel=1e-12)
 
 
+@pytest.mark.parametrize("loss_type", [["hinge"], ["hinge", "sigmoid"]])
+def test_weighting_where_trls_backward_fails_matches_the_formula(loss_type):
+    """hinge (and any loss whose last op saves its output) with use_weighting: TRL 1.16's
+    in-place product breaks its backward; fastdpo's value and gradient follow the formula."""
+    case = {
+        "inputs": "base",
+        "loss_type": loss_type,
+        "loss_weights": [1.0] * len(loss_type),
+        "options": {"use_weighting": True, "f_divergence_type": "forward_kl"},
+    }
+    loss, grad, _, _ = run_packed(case, dtype=F64)
+    assert float(loss) == pytest.approx(formula_loss(case), rel=1e-12)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_ld_alpha_one_is_plain_dpo_and_zero_drops_the_tails():
     x = packed_inputs("base", F64)
     common = {"ref_token_logps": x["ref_token_logps"], "loss": "sigmoid", "beta": BETA}
