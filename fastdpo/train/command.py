@@ -7,7 +7,12 @@ names (`--label-smoothing 0.1`). The tokenization options are the same, with the
 defaults, as `fastdpo precompute-ref`'s (`add_config_options` builds both).
 
 Exit status: 0 done, 2 a user mistake (bad key or value, missing file: one line, no
-traceback), 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint.
+traceback), 1 a failed run (non-finite loss, another rank's failure), 130 / 143 stopped by
+SIGINT / SIGTERM after saving a checkpoint.
+
+Under `torchrun --nproc-per-node N -m fastdpo train CONFIG.yaml` every process runs this; the
+process group comes from torchrun's environment (see `fastdpo.train.distributed`). Ranks
+other than 0 log warnings and errors only, each line prefixed with its rank.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterable
@@ -36,6 +42,7 @@ _CHOICES = {
     "attention": ("auto", "flash", "torch", "flex", "sdpa"),
     "on_bad_row": ("error", "skip"),
     "report_to": ("auto", "tensorboard", "none"),
+    "strategy": ("auto", "ddp", "fsdp2"),
 }
 
 
@@ -151,24 +158,35 @@ def run(args: argparse.Namespace) -> int:
     from fastdpo.data.validation import BadRowError
     from fastdpo.reference_shards import ReferenceCacheError
     from fastdpo.train.config import ConfigError
+    from fastdpo.train.distributed import RankFailedError
     from fastdpo.train.trainer import NonFiniteLossError, Trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"[rank {rank}] " if ranks > 1 else ""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s {where}%(name)s: %(message)s",
+    )
     overrides = {
         k: v
         for k, v in vars(args).items()
         if k not in ("config", "handler", "command", "unknown_option_hint")
     }
+    trainer = None
     try:
         config = TrainConfig.from_yaml(args.config, overrides)
         trainer = Trainer(config)
         result = trainer.train()
     except (ConfigError, BadRowError, ReferenceCacheError, FileNotFoundError, ValueError) as error:
-        print(f"fastdpo train: error: {error}", file=sys.stderr)
+        print(f"fastdpo train: {where}error: {error}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as error:
-        print(f"fastdpo train: stopped: {error}", file=sys.stderr)
+    except (NonFiniteLossError, RankFailedError) as error:
+        print(f"fastdpo train: {where}stopped: {error}", file=sys.stderr)
         return 1
+    finally:
+        if trainer is not None:
+            trainer.parallel.shutdown()
     if result.interrupted:
         print(f"interrupted after step {result.global_step}; checkpoint: {result.last_checkpoint}")
         print("resume with: --resume-from-checkpoint latest")

@@ -151,17 +151,31 @@ def total_steps(config: TrainConfig, plan: StepPlan) -> int:
 
 
 def rank_share(pair_indices: list[int], sizes: Sequence[int], rank: int, world: int) -> list[int]:
-    """This rank's pairs of a step: greedy longest-first onto the least-loaded rank (tokens),
-    so ranks carry about the same tokens; pairs are never split. One rank: all of them."""
+    """This rank's pairs of a step (see `rank_shares`). One rank: all of them."""
     if world == 1:
         return list(pair_indices)
+    return rank_shares(pair_indices, sizes, world)[rank]
+
+
+def rank_shares(pair_indices: list[int], sizes: Sequence[int], world: int) -> list[list[int]]:
+    """Every rank's pairs of a step: greedy longest-first onto the least-loaded rank (tokens),
+    so ranks carry about the same tokens; pairs are never split. Each share keeps the step's
+    order. Every rank computes all shares (no communication): the step's balance and who has
+    nothing are known everywhere."""
     loads = [0] * world
     owned: list[list[int]] = [[] for _ in range(world)]
     for index in sorted(pair_indices, key=lambda i: (-sizes[i], i)):
         target = min(range(world), key=lambda r: (loads[r], r))
         loads[target] += sizes[index]
         owned[target].append(index)
-    return sorted(owned[rank], key=pair_indices.index)
+    position = {index: n for n, index in enumerate(pair_indices)}
+    return [sorted(share, key=position.__getitem__) for share in owned]
+
+
+def worst_rank_share(shares: list[list[int]], sizes: Sequence[int]) -> float:
+    """The largest share of a step's tokens any rank carries (1 / world when balanced)."""
+    loads = [sum(sizes[i] for i in share) for share in shares]
+    return max(loads) / max(sum(loads), 1)
 
 
 def micro_batches(

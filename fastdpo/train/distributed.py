@@ -36,6 +36,7 @@ posted error and raise `RankFailedError` naming the rank and its message.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import time
@@ -161,10 +162,16 @@ class Parallel:
             return model
         root = PackedForward(model)
         if self.strategy == "ddp":
+            # Rotary tables are equal everywhere: no buffer broadcast before every forward.
+            # torch 2.13 renamed the option (the old name warns); 2.11 knows only the old one.
+            ddp_args = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+            no_buffer_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in ddp_args
+                else {"broadcast_buffers": False}
+            )
             wrapped = nn.parallel.DistributedDataParallel(
-                root,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False,  # rotary tables are equal everywhere; no per-forward sync
+                root, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
             )
             wrapped.register_comm_hook(None, _sum_all_reduce)
             return wrapped
@@ -208,6 +215,14 @@ class Parallel:
         if self.distributed:
             dist.all_reduce(stacked)
         return dict(zip(values, stacked.unbind(), strict=True))
+
+    def max_over_ranks(self, value: float) -> float:
+        """The largest `value` of any rank (peak memory, say); one process: `value`."""
+        if not self.distributed:
+            return value
+        box = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_cpu_group())
+        return float(box.item())
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any (a stop request, say)."""
@@ -264,8 +279,10 @@ class Parallel:
 
     def shutdown(self) -> None:
         """Leave the process group (end of a successful run)."""
+        global _CPU_GROUP
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+        _CPU_GROUP = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,8 +321,9 @@ def bare_model(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, PackedForward) else model
 
 
-def _sum_all_reduce(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP comm hook: all-reduce SUM (DDP's default divides by the world size)."""
+def _sum_all_reduce(state, bucket):
+    """DDP comm hook: all-reduce SUM (DDP's default divides by the world size). No annotations:
+    DDP checks `bucket`'s against dist.GradBucket, and postponed annotations are strings."""
     work = dist.all_reduce(bucket.buffer(), async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
 
@@ -326,7 +344,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def _fully_shard(
     root: PackedForward, model: nn.Module, config: TrainConfig, device: torch.device
 ) -> nn.Module:
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
 
     kwargs: dict[str, Any] = {}
     if device.type == "cuda":
@@ -344,14 +367,23 @@ def _fully_shard(
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(root, **kwargs)
-    if hasattr(root, "set_gradient_divide_factor"):  # sum, as DDP's comm hook above
-        root.set_gradient_divide_factor(1.0)
-    else:  # torch before 2.8 names it for reduce-scatter only
-        root.set_reduce_scatter_divide_factor(1.0)
+    # Sum, as DDP's comm hook above, on every sharded module (the setting is per module: on
+    # the root alone the layers' gradients came out halved). A divide factor alone becomes
+    # PREMUL_SUM(1.0), which gloo refuses; forcing plain SUM works on both backends and skips
+    # the division by 1.
+    for module in root.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        if hasattr(module, "set_force_sum_reduction_for_comms"):
+            module.set_force_sum_reduction_for_comms(True)
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+        else:  # older torch names it for reduce-scatter only
+            module.set_reduce_scatter_divide_factor(1.0)
     return root
 
 
-def grad_norm(parameters: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
     """The global gradient norm, clipped to `max_norm` when set (fp32 device scalar).
 
     Under FSDP2 the gradients are sharded DTensors: their norm is a partial DTensor and

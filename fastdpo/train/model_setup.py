@@ -67,14 +67,14 @@ def load_causal_lm(path: str | Path, config: TrainConfig, dtype: torch.dtype, de
     return model.to(device)
 
 
-def load_policy(config: TrainConfig, device: torch.device, checkpoint: Path | None):
-    """The policy in training mode (from `checkpoint` when resuming), LoRA applied if asked."""
+def load_policy(config: TrainConfig, device: torch.device):
+    """The policy in training mode from `config.model`, LoRA applied if asked. A resumed run
+    loads its trained weights from the checkpoint afterwards (`load_training_state`, once the
+    model is wrapped for data parallelism: the checkpoint is resharded onto that layout)."""
     dtype = weight_dtype(config)
-    if config.lora_r == 0:
-        model = load_causal_lm(checkpoint or config.model, config, dtype, device)
-    else:
-        model = load_causal_lm(config.model, config, dtype, device)
-        model = _with_lora(model, config, checkpoint)
+    model = load_causal_lm(config.model, config, dtype, device)
+    if config.lora_r:
+        model = _with_lora(model, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -82,15 +82,13 @@ def load_policy(config: TrainConfig, device: torch.device, checkpoint: Path | No
     return model
 
 
-def _with_lora(model, config: TrainConfig, checkpoint: Path | None):
+def _with_lora(model, config: TrainConfig):
     try:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ConfigError(
             f"lora_r: {config.lora_r} needs peft: pip install 'fastdpo[lora]'"
         ) from None
-    if checkpoint is not None:
-        return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
     targets = config.lora_target_modules
     lora = LoraConfig(
         r=config.lora_r,

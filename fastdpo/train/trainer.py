@@ -9,12 +9,16 @@ its optimizer. Each step: the step's pairs (a pure function of seed and epoch) p
 micro-batches, forward + backward of each (`step.train_step`), gradient clipping, a finiteness
 check (the one host sync per step), AdamW, the schedule. SIGINT / SIGTERM finish the current
 step, save a checkpoint and return.
+
+Under torchrun (`fastdpo.train.distributed`) every process runs this same loop on its share
+of each step's pairs: the policy is wrapped for DDP or FSDP2, the step's loss and metrics are
+summed over ranks (each rank's are already weighted by its share of the global pairs), and
+only rank 0 writes logs and files; checkpoints are sharded and written by every rank.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ from fastdpo.train.checkpoint import (
     prepare_output_dir,
     resolve_checkpoint,
     save_checkpoint,
+    save_final_model,
 )
 from fastdpo.train.config import ConfigError, TrainConfig
 from fastdpo.train.data import (
@@ -38,9 +43,11 @@ from fastdpo.train.data import (
     eval_batches,
     load_run_data,
     micro_batches,
-    rank_share,
+    rank_shares,
     total_steps,
+    worst_rank_share,
 )
+from fastdpo.train.distributed import Parallel, bare_model, clip_grad_norm
 from fastdpo.train.metrics_log import LogWindow, MetricsLog
 from fastdpo.train.model_setup import (
     autocast_context,
@@ -52,7 +59,7 @@ from fastdpo.train.model_setup import (
 )
 from fastdpo.train.optim import build_optimizer, build_scheduler
 from fastdpo.train.reference_cache import prepare_reference
-from fastdpo.train.step import LossSettings, evaluate_batches, train_step
+from fastdpo.train.step import _STATE_METRICS, LossSettings, evaluate_batches, train_step
 
 logger = logging.getLogger("fastdpo.train")
 
@@ -83,11 +90,23 @@ class TrainResult:
 class Trainer:
     """Trains `config.model` with a preference loss; see the module docstring."""
 
-    def __init__(self, config: TrainConfig, *, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, config: TrainConfig, *, rank: int | None = None, world_size: int | None = None
+    ):
+        """`rank` / `world_size`: checked against the process group (torchrun's environment,
+        or one the caller initialized); leave them out to take its values."""
         self.config = config
-        self.rank, self.world_size = rank, world_size
+        self.parallel = Parallel.from_environment(config)
+        for name, given in (("rank", rank), ("world_size", world_size)):
+            actual = getattr(self.parallel, name)
+            if given is not None and given != actual:
+                raise ValueError(
+                    f"Trainer({name}={given}) but the process group says {actual}: launch with "
+                    "torchrun (it sets RANK and WORLD_SIZE) and leave rank / world_size out"
+                )
+        self.rank, self.world_size = self.parallel.rank, self.parallel.world_size
         self.output_dir = Path(config.output_dir)
-        self.is_main = rank == 0
+        self.is_main = self.parallel.is_main
         self.device = resolve_device(config.device)
         from transformers import AutoTokenizer, set_seed
 
@@ -111,6 +130,7 @@ class Trainer:
             check_resumable(config, self.checkpoint)
         elif self.is_main:
             prepare_output_dir(self.output_dir, overwrite=config.overwrite_output_dir)
+        self.parallel.barrier()  # nobody writes into output_dir before it is prepared
         self.data = load_run_data(config, self.tokenizer)
         self.reference = prepare_reference(
             config,
@@ -120,10 +140,18 @@ class Trainer:
             load_model=self._load_reference_model,
             autocast=self._autocast,
         )
-        self.model = load_policy(config, self.device, self.checkpoint)
-        trainable, total = count_parameters(self.model)
+        # Several processes: load on the CPU, then replicate (DDP) or shard onto the device
+        # (FSDP2 moves only each rank's shards there).
+        cpu = torch.device("cpu")
+        model = load_policy(config, cpu if self.parallel.distributed else self.device)
+        trainable, total = count_parameters(model)
         self._parameters = total  # for mfu
         logger.info("policy: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
+        if self.parallel.choose_strategy(config, model, self.device) == "ddp":
+            model = model.to(self.device)
+        self.forward_model = self.parallel.wrap(model, config, self.device)
+        """What the step calls: the model itself, or its DDP / FSDP2 wrapper."""
+        self.model = bare_model(self.forward_model)
         self.plan = StepPlan(
             num_pairs=len(self.data.train), pairs_per_step=config.pairs_per_step, seed=config.seed
         )
@@ -157,7 +185,7 @@ class Trainer:
 
     def _restore(self, checkpoint: Path) -> None:
         self.state = load_training_state(
-            checkpoint, optimizer=self.optimizer, scheduler=self.scheduler
+            checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
         )
         if self.state.total_steps != self.total_steps:
             logger.warning(
@@ -199,9 +227,14 @@ class Trainer:
         previous_handlers = self._install_signal_handlers()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        with self.parallel.failures_end_every_rank():
+            return self._train(window, last_checkpoint, bar, previous_handlers)
+
+    def _train(self, window, last_checkpoint, bar, previous_handlers) -> TrainResult:
+        config = self.config
         try:
             while self.state.global_step < self.total_steps:
-                out, capacity = self._run_step()
+                out, capacity, stop_requested = self._run_step()
                 grad_norm = self._clip_gradients()
                 self._check_finite(out, grad_norm, last_checkpoint)
                 learning_rate = self.scheduler.get_last_lr()[0]
@@ -230,15 +263,15 @@ class Trainer:
                         and step < self.total_steps
                     ):
                         self._log_eval()
-                    stopping = self._stop_signal is not None and step < self.total_steps
+                    stopping = stop_requested and step < self.total_steps
                     if stopping or (config.save_steps and step % config.save_steps == 0):
                         self.state.window = window.to_state()
                         last_checkpoint = self._save()
                 if stopping:
                     logger.warning(
-                        "stopped by signal %d after step %d; checkpoint %s (resume with "
+                        "stopped by signal %s after step %d; checkpoint %s (resume with "
                         "resume_from_checkpoint: latest)",
-                        self._stop_signal,
+                        self._stop_signal or "(on another rank)",
                         step,
                         last_checkpoint,
                     )
@@ -247,7 +280,7 @@ class Trainer:
                         final_dir=None,
                         history=list(self.log.rows),
                         interrupted=True,
-                        stop_signal=self._stop_signal,
+                        stop_signal=self._stop_signal or signal.SIGTERM,  # another rank's
                         last_checkpoint=last_checkpoint,
                     )
         finally:
@@ -261,6 +294,7 @@ class Trainer:
         final_dir = self._save_final()
         self.log.plot()
         self.log.close()
+        self.parallel.barrier()
         return TrainResult(
             global_step=self.state.global_step,
             final_dir=final_dir,
@@ -269,21 +303,33 @@ class Trainer:
         )
 
     def _run_step(self):
-        """Forward + backward of the next step; returns (StepOutput, token capacity used)."""
+        """Forward + backward of the next step; returns (StepOutput with global values, token
+        capacity of the step's micro-batches, whether any rank was asked to stop)."""
+        config = self.config
         epoch, step_in_epoch = self.plan.position(self.state.global_step)
         pairs = self.plan.step_pairs(epoch, step_in_epoch)
-        mine = rank_share(pairs, self._sizes, self.rank, self.world_size)
-        batches = list(
-            micro_batches(
-                self.data.train,
-                mine,
-                max_tokens_per_batch=self.config.max_tokens_per_batch,
-                seed=self.config.seed,
-                epoch=epoch,
+        shares = rank_shares(pairs, self._sizes, self.world_size)
+        mine = shares[self.rank]
+
+        def pack(indices):
+            return list(
+                micro_batches(
+                    self.data.train,
+                    indices,
+                    max_tokens_per_batch=config.max_tokens_per_batch,
+                    seed=config.seed,
+                    epoch=epoch,
+                )
             )
-        )
+
+        batches = pack(mine)
+        fillers = []
+        missing = self.parallel.micro_batch_count(len(batches)) - len(batches)
+        if missing:  # the smallest pair at hand, with weight 0 (see train_step)
+            smallest = min(mine or pairs, key=lambda i: (self._sizes[i], i))
+            fillers = pack([smallest]) * missing
         out = train_step(
-            self.model,
+            self.forward_model,
             batches,
             step_pairs=len(pairs),
             step_chosen_tokens=sum(self._chosen_tokens[i] for i in pairs),
@@ -291,17 +337,39 @@ class Trainer:
             settings=self.loss_settings,
             device=self.device,
             autocast=self._autocast,
+            filler_batches=fillers,
+            gradient_sync=lambda is_last: self.parallel.gradient_sync(self.forward_model, is_last),
         )
-        return out, len(batches) * self.config.max_tokens_per_batch
+        capacity = len(batches) * config.max_tokens_per_batch
+        if not self.parallel.distributed:
+            return out, capacity, self._stop_signal is not None
+        # One all-reduce: loss and metrics (pair-share weighted, so the sum is the global
+        # mean), counts, and the stop flag. State metrics (BCO's running mean) stay local.
+        local = {k: v for k, v in sorted(out.metrics.items()) if k not in _STATE_METRICS}
+        summed = self.parallel.sum_over_ranks(
+            {
+                "loss": out.loss,
+                **local,
+                "pairs": out.pairs,
+                "tokens": out.tokens,
+                "capacity": capacity,
+                "stop": self._stop_signal is not None,
+            }
+        )
+        out.loss = summed.pop("loss")
+        counts = torch.stack([summed.pop(k) for k in ("pairs", "tokens", "capacity", "stop")])
+        pairs_total, tokens_total, capacity, stop = (int(v) for v in counts.tolist())
+        out.metrics.update(summed)
+        out.metrics["worst_rank_token_share"] = worst_rank_share(shares, self._sizes)
+        out.pairs, out.tokens = pairs_total, tokens_total
+        return out, capacity, stop > 0
 
     def _clip_gradients(self) -> torch.Tensor:
-        """The total gradient norm (clipped to max_grad_norm when set); a device scalar."""
+        """The global gradient norm (clipped to max_grad_norm when set); a device scalar."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
             return torch.zeros((), device=self.device)
-        if self.config.max_grad_norm is None and hasattr(torch.nn.utils, "get_total_norm"):
-            return torch.nn.utils.get_total_norm([p.grad for p in params])  # no rescale pass
-        return torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or math.inf)
+        return clip_grad_norm(params, self.config.max_grad_norm)
 
     def _check_finite(self, out, grad_norm: torch.Tensor, last_checkpoint: Path | None) -> None:
         """Stop before a non-finite loss or gradient reaches the weights (one host sync)."""
@@ -335,7 +403,7 @@ class Trainer:
             "tokens_per_second": window.tokens / elapsed if elapsed > 0 else None,
             "pairs_per_second": window.pairs / elapsed if elapsed > 0 else None,
             "packing_efficiency": window.tokens / window.capacity if window.capacity else None,
-            "peak_memory_mb": self._peak_memory_mb(),
+            "peak_memory_mb": self.parallel.max_over_ranks(self._peak_memory_mb()),
         }
         if self.device.type == "cuda":
             row["mfu"] = self._mfu(window.tokens, elapsed)
@@ -361,8 +429,10 @@ class Trainer:
         batches = eval_batches(
             self.data.eval, max_tokens_per_batch=self.config.max_tokens_per_batch
         )
+        # Every rank evaluates every held-out batch (FSDP2 needs the same forwards on all ranks;
+        # the metrics come out identical everywhere, with no reduction to get wrong).
         return evaluate_batches(
-            self.model,
+            self.forward_model,
             batches,
             reference=self.reference.eval,
             settings=self.loss_settings,
@@ -378,8 +448,6 @@ class Trainer:
     # -- saving ------------------------------------------------------------------------------
 
     def _save(self) -> Path | None:
-        if not self.is_main:
-            return None
         state = self.loss_settings.bco_state
         if state is not None:
             self.state.bco_mean, self.state.bco_count = float(state.mean), float(state.count)
@@ -390,32 +458,20 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             state=self.state,
-            config_yaml=(self.output_dir / "config.yaml").read_text(),
+            config_yaml=(self.output_dir / "config.yaml").read_text() if self.is_main else None,
             save_total_limit=self.config.save_total_limit,
+            parallel=self.parallel,
         )
 
     def _save_final(self) -> Path | None:
         """output_dir/final: the model (LoRA: the adapter; merged on request) and tokenizer."""
-        if not self.is_main:
-            return None
-        final = self.output_dir / "final"
-        tmp = self.output_dir / ".tmp-final"
-        import shutil
-
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        if self.config.lora_r and self.config.save_merged:
-            merged = self.model.merge_and_unload()
-            merged.save_pretrained(tmp / "merged", safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp / "merged")
-            self.model = merged
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        logger.info("final model written to %s", final)
-        return final
+        return save_final_model(
+            self.output_dir / "final",
+            model=self.model,
+            tokenizer=self.tokenizer,
+            save_merged=bool(self.config.lora_r and self.config.save_merged),
+            parallel=self.parallel,
+        )
 
     # -- signals -----------------------------------------------------------------------------
 
