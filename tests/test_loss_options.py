@@ -794,3 +794,64 @@ def test_config_takes_the_options_as_top_level_keys():
         "use_weighting": True,
     }
     assert {"f_divergence_type", "ld_alpha", "use_weighting"} <= loss_parameter_names()
+
+
+def test_trainer_with_ld_alpha_builds_a_per_token_cache_and_refuses_one_without(tmp_path):
+    """End to end: `reference: auto` builds the cache with per-token values for ld_alpha (a
+    plain run beside it is not reused), and `reference: <folder>` without them is refused."""
+    import json as json_module
+
+    from fastdpo.testing.models import tiny_model
+    from fastdpo.testing.tokenizer import build_tiny_tokenizer
+    from fastdpo.train.config import ConfigError, TrainConfig
+    from fastdpo.train.trainer import Trainer
+
+    tokenizer = build_tiny_tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rows = [
+        {
+            "prompt": f"Q{i}: {i} + 1?",
+            "chosen": f"It is {i + 1}." + " Yes." * (i % 3),
+            "rejected": "No.",
+        }
+        for i in range(8)
+    ]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json_module.dumps(r) + "\n" for r in rows))
+    common = {
+        "model": str(model_dir),
+        "data": str(data),
+        "max_steps": 2,
+        "pairs_per_step": 4,
+        "max_tokens_per_batch": 256,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "device": "cpu",
+        "progress": False,
+        "report_to": "none",
+    }
+    plain = Trainer(TrainConfig(output_dir=str(tmp_path / "runs" / "a_plain"), **common)).train()
+    assert plain.history
+    ld_run = Trainer(
+        TrainConfig(
+            output_dir=str(tmp_path / "runs" / "b_ld"),
+            loss_params={"ld_alpha": 0.5, "f_divergence_type": "js_divergence"},
+            **common,
+        )
+    )
+    assert ld_run.reference.built  # the plain run's cache has no per-token values
+    assert ld_run.reference.train.per_token
+    result = ld_run.train()
+    losses = [row["loss"] for row in result.history if "loss" in row]
+    assert losses and all(math.isfinite(v) for v in losses)
+    with pytest.raises(ConfigError, match="fastdpo precompute-ref --per-token"):
+        Trainer(
+            TrainConfig(
+                output_dir=str(tmp_path / "runs" / "c_given"),
+                reference=str(tmp_path / "runs" / "a_plain" / "reference"),
+                loss_params={"ld_alpha": 0.5},
+                **common,
+            )
+        )
