@@ -855,3 +855,51 @@ def test_trainer_with_ld_alpha_builds_a_per_token_cache_and_refuses_one_without(
                 **common,
             )
         )
+
+
+def test_step_use_weighting_and_head_metrics_read_the_heads_statistics(tmp_path, monkeypatch):
+    """batch_loss asks the forward for exactly the statistics it needs and feeds them to WPO
+    and to TRL's head metrics (the statistics stand in for the fused head's here)."""
+    from types import SimpleNamespace
+
+    from fastdpo.model import sequence_logps
+    from fastdpo.train import step as step_module
+    from fastdpo.train.step import LossSettings, batch_loss
+
+    model, batch, cache = _step_setup(tmp_path, per_token=True)
+    num_tokens = batch.target_ids.shape[0]
+    g = torch.Generator().manual_seed(5)
+    stats = {
+        "log_sum_p2": -torch.rand(num_tokens, generator=g) - 0.5,
+        "entropy": torch.rand(num_tokens, generator=g) * 3,
+        "mean_logit": torch.randn(num_tokens, generator=g),
+        "is_top1": torch.rand(num_tokens, generator=g) < 0.5,
+    }
+    asked = []
+
+    def forward(model, batch, **kwargs):
+        asked.append(kwargs)
+        out = sequence_logps(model, batch, return_token_logps=True)
+        wanted = kwargs.get("stats", ())
+        return SimpleNamespace(**vars(out), token_stats={k: stats[k] for k in wanted})
+
+    monkeypatch.setattr(step_module, "packed_forward", forward)
+    settings = LossSettings(loss="sigmoid", params={"use_weighting": True}, head_metrics=True)
+    loss, metrics = batch_loss(model, batch, cache, settings)
+    assert asked[-1] == {"stats": ("log_sum_p2", "entropy", "mean_logit", "is_top1")}
+    out = sequence_logps(model, batch, return_token_logps=True)
+    ref = cache.for_batch(batch)
+    expected, _ = packed_preference_loss(
+        out.token_logps,
+        batch.target_cu,
+        ref.chosen,
+        ref.rejected,
+        token_log_sum_p2=stats["log_sum_p2"],
+        use_weighting=True,
+        impl="torch",
+    )
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    for key, value in head_metrics(stats, batch.target_cu).items():
+        assert float(metrics[key]) == float(value)
+    batch_loss(model, batch, cache, LossSettings(loss="sigmoid"))
+    assert asked[-1] == {}  # nothing asked of the head when the options are off
