@@ -1,5 +1,6 @@
 # The two entry points of the README. Each runs scripts/setup.sh first (a no-op once installed).
-.PHONY: setup demo test lint mutate setup-gpu-stack test-gpu-stack
+.PHONY: setup demo test lint mutate setup-gpu-stack test-gpu-stack kernel-compile-report \
+	gpu-wheels gpu-check
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +18,27 @@ setup-gpu-stack:
 
 test-gpu-stack: setup-gpu-stack
 	.venv-gpu-stack/bin/python -m pytest -q -n 2 --dist loadfile
+
+# Every Triton kernel compiled for sm_90 and sm_80 without a GPU (registers, spills, shared
+# memory, wgmma), under each venv's triton.
+kernel-compile-report: setup
+	env -u TRITON_INTERPRET .venv/bin/python benchmarks/kernel_compile_report.py
+	if [ -x .venv-gpu-stack/bin/python ]; then \
+		env -u TRITON_INTERPRET .venv-gpu-stack/bin/python benchmarks/kernel_compile_report.py; fi
+
+# Wheels benchmarks/gpu_check.sh installs on the GPU machine, which reaches no index (Python 3.12,
+# x86-64): the benchmark comparisons, TRL and datasets, and setuptools to install fastdpo.
+GPU_WHEELS := liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 datasets==5.2.0 \
+	dill==0.4.1 multiprocess==0.70.19 setuptools==84.2.1
+gpu-wheels: setup
+	.venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d build/gpu-wheels $(GPU_WHEELS)
+	git describe --always --dirty >build/gpu-wheels/COMMIT
+
+# The GPU window's validation (benchmarks/gpu_check.sh); a dry run on a machine without CUDA.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
