@@ -2,28 +2,42 @@
 
 Forward (under no_grad) and forward+backward (gradients of hidden and weight), median and
 p20/p80 time, peak memory and effective TFLOP/s (2NHV forward, 8NHV forward+backward, counted
-the same for every implementation), each case in a fresh subprocess. Implementations:
+the same for every implementation whatever it really does: fastdpo-triton does 10NHV, naive
+6NHV), each case in a fresh subprocess. Implementations:
 
   fastdpo-torch   linear_logprobs(impl="torch"): blocks of rows x vocabulary, logits recomputed
                   in backward
   fastdpo-triton  linear_logprobs(impl="triton"): the Triton kernels (CUDA only here)
+  fastdpo-cublas  linear_logprobs(impl="cublas"): cuBLAS GEMMs on logits tiles + Triton folds;
+                  on the CPU its folds run under the Triton interpreter (larger interpreter
+                  blocks, N*V <= 2**24 only): a check that it runs, not a speed of the design
+  trl             TRL's chunked log-prob head (trl.kernels.chunked_logprob, TRL >= 1.16: the
+                  one its trainers use), [4096 tokens x 32768 vocabulary] tiles, log-probs only
+                  (outputs=()); its folds are torch ops off CUDA
   naive           full [N, V] logits, fp32 log-softmax, gather
   naive-compile   the same under torch.compile
   liger           Liger-Kernel's fused linear cross-entropy, reduction="none" (logp = -loss)
   cce             cut-cross-entropy, exact gradients ("cce_exact", or "cce" with
                   filter_eps=None on releases without it); its torch_compile impl on the CPU
 
-Baselines that are not installed or cannot run on the device are skipped with a note. The run
-first measures the device's matmul rate in the benchmark's dtype (a square `torch.mm`, the
-"matmul" row); every row's "of matmul" column is its TFLOP/s as a fraction of that ceiling.
+Baselines that are not installed or cannot run on the device are skipped with a note (install
+them with `pip install -e '.[bench]'`; trl with `pip install trl`, or run the script with a
+Python that has it). Before each shape's cases the run measures the ceiling: the plain GEMM of
+that shape in the benchmark's dtype, [N, H] @ [H, V] -> [N, V] (`torch.mm`, the "matmul" row,
+2NHV); every row's "of matmul" column is its TFLOP/s as a fraction of its shape's ceiling.
+`--matmul-size S` measures one square [S, S] @ [S, S] product instead, the ceiling of every
+shape.
 
     python benchmarks/bench_linear_logprobs.py                       # CUDA, bf16, the big shapes
+    python benchmarks/bench_linear_logprobs.py --device cuda --dtype bf16 --shapes 16384,4096,128256
     python benchmarks/bench_linear_logprobs.py --device cpu --small  # CPU, fp32, small shapes
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,11 +50,24 @@ SCRIPT = Path(__file__).resolve()
 
 GPU_SHAPES = [(8192, 4096, 128256), (16384, 2048, 151936), (4096, 4096, 32000)]
 SMALL_SHAPES = [(2048, 512, 32000), (1024, 2048, 16384)]
-IMPLS = ("fastdpo-torch", "fastdpo-triton", "naive", "naive-compile", "liger", "cce")
+IMPLS = (
+    "fastdpo-torch",
+    "fastdpo-triton",
+    "fastdpo-cublas",
+    "trl",
+    "naive",
+    "naive-compile",
+    "liger",
+    "cce",
+)
 MODES = ("fwd", "fwd+bwd")
 MATMUL = "matmul"
-"""The ceiling row: one [S, S] @ [S, S] product in the benchmark's dtype."""
-MATMUL_SIZES = {"cuda": 8192, "cpu": 2048}
+"""The ceiling row: [N, H] @ [H, V] in the benchmark's dtype per shape, or one square product."""
+CPU_INTERPRETER_MAX_LOGITS = 2**24
+"""fastdpo-cublas on the CPU (Triton interpreter): larger N * V is skipped (2048 x 32000 took
+7 s forward, 22 s forward+backward on the 2-core CPU, 2026-12-03)."""
+TRL_VOCAB_CHUNK = 32768
+"""trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16: the vocabulary width of its tiles."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 LogprobsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,6 +81,29 @@ LogprobsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def _fastdpo(impl: str, device: torch.device) -> tuple[LogprobsFn, str]:
     from fastdpo.ops.linear_logprobs import linear_logprobs
 
+    if impl == "cublas" and device.type == "cpu":
+        # Its folds run under the interpreter on the CPU, which must be chosen before the kernel
+        # module is imported; larger blocks than the tests' keep the interpreter's per-step
+        # overhead down (numpy on [64, 1024] blocks).
+        if "fastdpo.kernels.logits_fold" not in sys.modules:
+            os.environ["TRITON_INTERPRET"] = "1"
+        from fastdpo.kernels import logits_fold
+
+        if not logits_fold.is_interpreted():
+            raise harness.Unavailable("fold kernels imported without TRITON_INTERPRET=1")
+        logits_fold.INTERPRETER_CONFIG = logits_fold.FoldConfig(
+            block_rows=64, block_columns=1024, num_warps=1
+        )
+        note = "CPU: folds under the Triton interpreter, not a speed of the design"
+    elif impl == "cublas":
+        from fastdpo.ops.linear_logprobs_cublas import unavailable_reason
+
+        reason = unavailable_reason(device)
+        if reason is not None:
+            raise harness.Unavailable(reason)
+        note = ""
+    else:
+        note = ""
     if impl == "triton":
         if device.type != "cuda":
             raise harness.Unavailable("Triton kernels benchmarked on CUDA only (CPU interpreter)")
@@ -67,7 +117,26 @@ def _fastdpo(impl: str, device: torch.device) -> tuple[LogprobsFn, str]:
     def logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
         return linear_logprobs(hidden, weight, targets, impl=impl)
 
-    return logprobs, ""
+    return logprobs, note
+
+
+def _trl(device: torch.device) -> tuple[LogprobsFn, str]:
+    try:
+        from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, ChunkedLogProbFunction
+    except ImportError as error:
+        raise harness.Unavailable(
+            f"trl's chunked head cannot be imported ({error}): needs trl >= 1.16"
+        ) from error
+
+    def logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+        # (hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs)
+        logp, *_ = ChunkedLogProbFunction.apply(
+            hidden, weight, None, targets, 1.0, TRL_VOCAB_CHUNK, None, 1.0, ()
+        )
+        return logp
+
+    where = "Triton folds" if device.type == "cuda" else "torch folds (no Triton off CUDA)"
+    return logprobs, f"[{TOKEN_CHUNK_SIZE} x {TRL_VOCAB_CHUNK}] tiles, {where}"
 
 
 def _naive_compiled(device: torch.device) -> tuple[LogprobsFn, str]:
@@ -118,6 +187,10 @@ def build_impl(name: str, device: torch.device) -> tuple[LogprobsFn, str]:
         return _fastdpo("torch", device)
     if name == "fastdpo-triton":
         return _fastdpo("triton", device)
+    if name == "fastdpo-cublas":
+        return _fastdpo("cublas", device)
+    if name == "trl":
+        return _trl(device)
     if name == "naive":
         return naive_logprobs, "fp32 log-softmax"
     if name == "naive-compile":
@@ -134,15 +207,16 @@ def build_impl(name: str, device: torch.device) -> tuple[LogprobsFn, str]:
 
 
 def run_matmul_case(case: dict) -> dict:
-    """The device's matmul rate: [S, S] @ [S, S] in the case's dtype, S = case["n"]."""
+    """The device's matmul rate in the case's dtype: [N, H] @ [H, V] -> [N, V] (the head's
+    projection, weight transposed as a head holds it), or [S, S] @ [S, S] with case["square"]."""
     device = torch.device(case["device"])
-    size = case["n"]
+    n, h, v = case["n"], case["h"], case["v"]
     generator = torch.Generator().manual_seed(case["seed"])
-    left, right = (
-        torch.randn(size, size, generator=generator).to(device, DTYPES[case["dtype"]])
-        for _ in range(2)
-    )
-    out = torch.empty_like(left)
+    dtype = DTYPES[case["dtype"]]
+    left = torch.randn(n, h, generator=generator).to(device, dtype)
+    right = torch.randn(v, h, generator=generator).to(device, dtype)
+    right = right if case.get("square") else right.T
+    out = torch.empty(n, v, dtype=dtype, device=device)
 
     def call() -> None:
         torch.mm(left, right, out=out)
@@ -155,9 +229,9 @@ def run_matmul_case(case: dict) -> dict:
         "p20_ms": timing.p20_ms,
         "p80_ms": timing.p80_ms,
         "cpu_median_ms": timing.cpu_median_ms,
-        "tflops": harness.tflops(2 * size**3, timing.median_ms),
+        "tflops": harness.tflops(2 * n * h * v, timing.median_ms),
         "peak_mib": peak / 2**20,
-        "note": f"ceiling: [{size}, {size}] @ [{size}, {size}] torch.mm",
+        "note": f"ceiling: [{n}, {h}] @ [{h}, {v}] torch.mm",
     }
 
 
@@ -168,6 +242,12 @@ def run_case(case: dict) -> dict:
     device = torch.device(case["device"])
     dtype = DTYPES[case["dtype"]]
     n, h, v = case["n"], case["h"], case["v"]
+    cpu_cublas = case["impl"] == "fastdpo-cublas" and device.type == "cpu"
+    if cpu_cublas and n * v > CPU_INTERPRETER_MAX_LOGITS:
+        raise harness.Unavailable(
+            f"CPU: N*V = {n * v:,} > {CPU_INTERPRETER_MAX_LOGITS:,}, too slow for the Triton "
+            "interpreter (pass smaller --shapes)"
+        )
     logprobs, note = build_impl(case["impl"], device)
 
     generator = torch.Generator().manual_seed(case["seed"])
@@ -244,14 +324,19 @@ def add_value_check(rows: list[dict]) -> None:
 
 
 def add_matmul_fraction(rows: list[dict]) -> None:
-    """Sets 'of_matmul': each ok row's TFLOP/s over the matmul row's (same run, same dtype)."""
-    ceiling = next(
-        (row["tflops"] for row in rows if row["impl"] == MATMUL and row["status"] == "ok"), None
+    """Sets 'of_matmul': each ok row's TFLOP/s over its ceiling's (same run, same dtype): the
+    square matmul row if there is one, else the matmul row of the row's shape."""
+    ceilings = {
+        (row["n"], row["h"], row["v"]): row["tflops"]
+        for row in rows
+        if row["impl"] == MATMUL and row["status"] == "ok"
+    }
+    square = next(
+        (row["tflops"] for row in rows if row["impl"] == MATMUL and row.get("square")), None
     )
-    if not ceiling:
-        return
     for row in rows:
-        if row["status"] == "ok" and row["impl"] != MATMUL:
+        ceiling = square or ceilings.get((row["n"], row["h"], row["v"]))
+        if row["status"] == "ok" and row["impl"] != MATMUL and ceiling:
             row["of_matmul"] = row["tflops"] / ceiling
 
 
@@ -285,17 +370,22 @@ def _range(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     harness.add_common_arguments(parser, default_csv=harness.RESULTS_DIR / "linear_logprobs.csv")
     parser.add_argument("--small", action="store_true", help=f"shapes {SMALL_SHAPES}")
     parser.add_argument("--shapes", type=parse_shapes, help="'N,H,V;N,H,V' (overrides --small)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset")
+    parser.add_argument(
+        "--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}"
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
     parser.add_argument(
         "--matmul-size",
         type=int,
-        help=f"side of the ceiling matmul (default {MATMUL_SIZES}; 0 skips it)",
+        help="side S of one square [S, S] @ [S, S] ceiling matmul for every shape (default: the "
+        "GEMM of each shape, [N, H] @ [H, V]; 0 skips the ceiling)",
     )
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -309,19 +399,22 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown choice {name!r}: choose from {', '.join(allowed)}")
     shapes = args.shapes or (SMALL_SHAPES if args.small else GPU_SHAPES)
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    matmul_size = MATMUL_SIZES[args.device] if args.matmul_size is None else args.matmul_size
     common = {"dtype": dtype, **harness.run_settings(args)}
-    cases = [
-        {"impl": impl, "mode": mode, "n": n, "h": h, "v": v, **common}
-        for n, h, v in shapes
-        for mode in modes
-        for impl in impls
-    ]
-    if matmul_size < 0:
-        parser.error(f"--matmul-size must be >= 0, got {matmul_size}")
-    if matmul_size > 0:
-        size = matmul_size
-        cases.insert(0, {"impl": MATMUL, "mode": "mm", "n": size, "h": size, "v": size, **common})
+    if args.matmul_size is not None and args.matmul_size < 0:
+        parser.error(f"--matmul-size must be >= 0, got {args.matmul_size}")
+    cases = []
+    if args.matmul_size:
+        size = args.matmul_size
+        square = {"impl": MATMUL, "mode": "mm", "n": size, "h": size, "v": size, "square": True}
+        cases.append({**square, **common})
+    for n, h, v in shapes:
+        if args.matmul_size is None:
+            cases.append({"impl": MATMUL, "mode": "mm", "n": n, "h": h, "v": v, **common})
+        cases += [
+            {"impl": impl, "mode": mode, "n": n, "h": h, "v": v, **common}
+            for mode in modes
+            for impl in impls
+        ]
     rows = harness.run_cases(SCRIPT, cases, timeout_s=args.timeout, rounds=args.rounds)
     add_value_check(rows)
     add_matmul_fraction(rows)
