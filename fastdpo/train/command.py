@@ -187,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if trainer is not None:
             trainer.parallel.shutdown()
+    if not trainer.is_main:  # rank 0 reports for the run
+        return 128 + int(result.stop_signal or signal.SIGINT) if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted after step {result.global_step}; checkpoint: {result.last_checkpoint}")
         print("resume with: --resume-from-checkpoint latest")
