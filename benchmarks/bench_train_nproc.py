@@ -4,14 +4,16 @@ The same model, data and global steps (--pairs-per-step pairs each) on every pro
 each case is one `torchrun --standalone --nproc-per-node N` launch (1 process: plain Python)
 of this script's worker, whose rank 0 prints the result row. Per case: step time (median and
 p20/p80 over the timed steps), global pairs/s and tokens/s, tokens/s per process, scaling
-efficiency against the 1-process case (tokens/s(N) / (N x tokens/s(1))), the worst rank's share
-of a step's tokens (1/N when balanced), and peak memory of the busiest rank (the trainer's
-`peak_memory_mb`: CUDA max allocated, CPU peak RSS of the process).
+efficiency against the 1-process case, the worst rank's share of a step's tokens (1/N when
+balanced), and peak memory of the busiest rank (the trainer's `peak_memory_mb`: CUDA max
+allocated, CPU peak RSS of the process).
 
-Threads: with --threads-total T every process gets T / N intra-op threads (default: the
-machine's cores), so 1 process and N processes use the same cores. On the CPU the numbers show
-only that the path runs and what gloo's all-reduce / all-gather cost at this size; GPU numbers
-(NCCL) are a separate run.
+Scaling efficiency is tokens/s(N) over the ideal: on CUDA N x tokens/s(1) (one GPU per
+process); on the CPU tokens/s(1) itself, because the processes share the machine's cores: with
+--threads-total T (default: the core count) every process gets T / N intra-op threads, so 1
+process and N processes use the same cores and the efficiency is what splitting the work
+across processes costs. On the CPU the numbers show only that the path runs and what gloo's
+all-reduce / all-gather add at this size; GPU numbers (NCCL) are a separate run.
 
     python benchmarks/bench_train_nproc.py --device cpu --preset cpu --nproc 1,2
     python benchmarks/bench_train_nproc.py --device cuda --preset gpu-1b --nproc 1,2,4,8
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     single = next((r for r in rows if r["nproc"] == 1 and r["status"] == "ok"), None)
     for row in rows:
         if single is not None and row["status"] == "ok":
-            ideal = row["nproc"] * single["tokens_per_s"]
+            devices = row["nproc"] if args.device == "cuda" else 1  # CPU: the same cores
+            ideal = devices * single["tokens_per_s"]
             row["scaling_efficiency"] = row["tokens_per_s"] / ideal
         for key in ("workdir", "model", "data"):
             row.pop(key, None)
