@@ -333,3 +333,65 @@ def test_a_failure_on_one_rank_ends_both_with_its_error(strategy, model_dir, dat
     message = "rank 1 failed: RuntimeError: injected failure on rank 1 at step 2"
     assert f"fastdpo train: [rank 0] stopped: {message}" in proc.stderr, proc.stderr[-4000:]
     assert "[rank 1] fastdpo.train: rank 1 failed: RuntimeError: injected" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces that need no second process
+
+
+def test_auto_strategy_picks_fsdp2_only_when_a_replica_does_not_fit(monkeypatch, caplog):
+    from fastdpo.train import distributed
+
+    model = tiny_model("llama")
+    needed = distributed.training_state_bytes(model)
+    # every weight fp32, each trainable one with a gradient and two AdamW moments: 16 bytes
+    assert needed == 16 * sum(p.numel() for p in model.parameters())
+    config = TrainConfig(model="m", data="d")
+    parallel = distributed.Parallel(rank=0, world_size=2)
+    cpu = torch.device("cpu")
+    for budget, expected in ((2 * needed, "ddp"), (2 * needed - 1, "fsdp2")):
+        monkeypatch.setattr(distributed, "device_memory_bytes", lambda *_, b=budget: b)
+        with caplog.at_level("INFO", logger="fastdpo.train"):
+            assert parallel.choose_strategy(config, model, cpu) == expected
+        assert f"strategy {expected} (auto: weights + gradients + AdamW state need" in caplog.text
+        caplog.clear()
+    one = distributed.Parallel()
+    assert one.choose_strategy(config, model, cpu) == "none"
+
+
+def test_strategy_settings_that_cannot_run_are_refused():
+    from fastdpo.train.config import ConfigError
+    from fastdpo.train.distributed import Parallel
+
+    model = tiny_model("llama")
+    two = Parallel(rank=0, world_size=2)
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="offload: needs strategy fsdp2"):
+        two.choose_strategy(
+            TrainConfig(model="m", data="d", strategy="ddp", offload=True), model, cpu
+        )
+    with pytest.raises(ConfigError, match="fsdp2 with LoRA"):
+        two.choose_strategy(
+            TrainConfig(model="m", data="d", strategy="fsdp2", lora_r=4), model, cpu
+        )
+    with pytest.raises(ConfigError, match="strategy: got 'zero3'; allowed: auto, ddp, fsdp2"):
+        TrainConfig(model="m", data="d", strategy="zero3")
+
+
+def test_rank_shares_are_known_everywhere_and_report_the_busiest_rank():
+    from fastdpo.train.data import rank_share, rank_shares, worst_rank_share
+
+    sizes = [50, 10, 40, 30, 20, 60]
+    step = [5, 0, 3, 1, 4]
+    shares = rank_shares(step, sizes, 2)
+    assert sorted(i for share in shares for i in share) == sorted(step)  # each pair once
+    assert [rank_share(step, sizes, r, 2) for r in range(2)] == shares
+    assert all(share == [i for i in step if i in share] for share in shares)  # step order
+    loads = [sum(sizes[i] for i in share) for share in shares]
+    assert worst_rank_share(shares, sizes) == max(loads) / sum(loads) == 90 / 170
+    assert worst_rank_share(rank_shares([1], sizes, 2), sizes) == 1.0  # one pair: one rank
+
+
+def test_trainer_refuses_a_rank_that_is_not_the_process_group_s(tmp_path):
+    with pytest.raises(ValueError, match=r"Trainer\(rank=1\) but the process group says 0"):
+        Trainer(TrainConfig(model="m", data="d", output_dir=str(tmp_path)), rank=1)
