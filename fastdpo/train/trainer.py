@@ -149,8 +149,9 @@ class Trainer:
         logger.info("policy: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
         if self.parallel.choose_strategy(config, model, self.device) == "ddp":
             model = model.to(self.device)
+        # forward_model is what the step calls (the model, or its DDP / FSDP2 wrapper); model is
+        # the causal LM inside (parameters, optimizer, saving).
         self.forward_model = self.parallel.wrap(model, config, self.device)
-        """What the step calls: the model itself, or its DDP / FSDP2 wrapper."""
         self.model = bare_model(self.forward_model)
         self.plan = StepPlan(
             num_pairs=len(self.data.train), pairs_per_step=config.pairs_per_step, seed=config.seed
