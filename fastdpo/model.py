@@ -24,6 +24,7 @@ reads the offsets once per batch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,12 @@ class SequenceLogps:
     lengths: torch.Tensor
     """int [S]: completion targets per sequence (the terms in each sum)."""
     token_logps: torch.Tensor | None = None
-    """fp32 [M]: per-target log-probs in `PackedBatch.target_ids` order (if requested)."""
+    """fp32 [M]: per-target log-probs in `PackedBatch.target_ids` order (if requested, or when
+    `stats` are)."""
+    token_stats: dict[str, torch.Tensor] | None = None
+    """{name: [M]} per-target statistics of the head's final logits, `PackedBatch.target_ids`
+    order, when `stats` were asked (`fastdpo.ops.linear_logprobs.STATS`: "entropy" fp32 with
+    gradient, "log_sum_p2" and "mean_logit" fp32, "is_top1" bool)."""
     chosen: torch.Tensor | None = None
     """fp32 [P] (paired batches): `logps[0::2]`."""
     rejected: torch.Tensor | None = None
@@ -305,6 +311,7 @@ def sequence_logps(
     return_token_logps: bool = False,
     attention: str | None = None,
     impl: str = "auto",
+    stats: Sequence[str] = (),
 ) -> SequenceLogps:
     """Summed completion log-probs of every sequence of a packed batch.
 
@@ -316,7 +323,10 @@ def sequence_logps(
         return_token_logps: also return the per-target log-probs (fp32 [M]).
         attention: packed-attention backend ("auto", "flash", "torch", "flex", "sdpa"); None
             keeps the one the model already uses, else "auto".
-        impl: `linear_logprobs` implementation ("auto", "triton", "torch").
+        impl: `linear_logprobs` implementation ("auto", "triton", "torch", "cublas").
+        stats: per-token statistics computed by the head in the same pass (names from
+            `fastdpo.ops.linear_logprobs.STATS`, see `linear_logprobs(return_stats=...)`),
+            returned as `token_stats`, with `token_logps`.
 
     Returns:
         `SequenceLogps` with fp32 `logps` [S] (differentiable w.r.t. the model's parameters)
@@ -348,7 +358,7 @@ def sequence_logps(
     target_hidden = hidden.index_select(0, batch.target_positions)  # [M, H]
     weight, bias = head.weight, head.bias
     target_hidden, weight, bias = _head_dtype(target_hidden, weight, bias)
-    token_logps = linear_logprobs(
+    head_outputs = linear_logprobs(
         target_hidden,
         weight,
         batch.target_ids,
@@ -356,14 +366,21 @@ def sequence_logps(
         softcap=softcap,
         temperature=temperature,
         ignore_index=None,  # completion targets only: no row to drop, no count (a host sync)
+        return_stats=stats,
         impl=impl,
     )
+    token_stats = None
+    if isinstance(head_outputs, tuple):  # (logp, stats) when stats were asked
+        token_logps, token_stats = head_outputs
+    else:
+        token_logps = head_outputs
     logps, _ = segment_sums(token_logps, batch.target_cu)
     lengths = batch.completion_lengths
     result = SequenceLogps(
         logps=logps,
         lengths=lengths,
-        token_logps=token_logps if return_token_logps else None,
+        token_logps=token_logps if return_token_logps or token_stats else None,
+        token_stats=token_stats,
         attention_backends=tuple(sorted(state.backends_used)),
     )
     if batch.num_sequences == 2 * batch.num_examples and batch.num_examples > 0:

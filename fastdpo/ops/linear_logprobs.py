@@ -17,6 +17,19 @@ Backward, with g = dL/dlogp and g_lse = dL/dlse (when `return_lse=True`), p = so
     dL/dz[i, v]     = g[i] * ([v == t[i]] - p[i, v]) + g_lse[i] * p[i, v]
     dL/dz_raw[i, v] = dL/dz[i, v] / temperature * (1 - tanh(z_raw[i, v] / c) ** 2)
     dH = G @ W,  dW = G.T @ H,  db = G.sum(0)       with G = dL/dz_raw   (ignored rows: G = 0)
+
+Per-token statistics (`return_stats`), in the same pass over the vocabulary and only when asked,
+all of the final (capped, tempered) logits z and p = softmax(z):
+
+    entropy[i]    = -sum_v p log p = lse - sum_v p z            dH/dz_j = -p_j (z_j - sum_v p_v z_v)
+    log_sum_p2[i] = log sum_v p[i, v]^2 = logsumexp_v(2 z) - 2 lse          (no gradient)
+    mean_logit[i] = (1 / V) sum_v z[i, v]                                   (no gradient)
+    is_top1[i]    = argmax_v z[i, v] == t[i], the first index among ties (torch.argmax) (bool)
+
+Online, as the log-sum-exp: with the running max m and s = sum exp(z - m), also
+u = sum exp(z - m) (z - m) (entropy = log s - u / s), q = sum exp(z - m)^2
+(log_sum_p2 = log q - 2 log s), sum z, and the running argmax. The entropy's gradient joins G:
+dL/dz[i, v] += g_H[i] * -p[i, v] (log p[i, v] + entropy[i]).
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +49,11 @@ logger = logging.getLogger(__name__)
 Impl = Literal["auto", "triton", "torch", "cublas"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "torch", "cublas")
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+STATS: tuple[str, ...] = ("entropy", "log_sum_p2", "mean_logit", "is_top1")
+"""Per-token statistics `linear_logprobs(return_stats=...)` computes (module docstring)."""
+DIFFERENTIABLE_STATS: tuple[str, ...] = ("entropy",)
+"""The statistics with a gradient; the others are returned detached."""
 
 LOGITS_BLOCK_BYTES = 32 * 2**20
 """Byte budget of one block's fp32 logits in the torch impl (read at each call).
@@ -66,6 +84,8 @@ class LinearLogprobsOptions:
     """The resolved implementation (never "auto" here)."""
     logits_block_bytes: int = LOGITS_BLOCK_BYTES
     """torch impl: byte budget of one block's fp32 logits."""
+    stats: tuple[str, ...] = ()
+    """Per-token statistics to compute (names from STATS, in STATS order)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,6 +177,27 @@ def _validate(
         raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+
+
+def _check_stats(return_stats: Sequence[str], impl: str) -> tuple[str, ...]:
+    """The asked statistics in STATS order, duplicates dropped. Every statistics request of
+    `linear_logprobs` passes here: an impl that cannot compute them refuses here."""
+    if isinstance(return_stats, str):
+        raise TypeError(
+            f"return_stats takes a sequence of names, got the string {return_stats!r}: pass "
+            f"({return_stats!r},)"
+        )
+    asked = tuple(return_stats)
+    unknown = [name for name in asked if name not in STATS]
+    if unknown:
+        raise ValueError(f"return_stats: unknown statistic(s) {unknown}; known: {STATS}")
+    stats = tuple(name for name in STATS if name in asked)
+    if stats and impl in ("cublas", "triton"):
+        raise ValueError(
+            f"return_stats: impl={impl!r} does not compute per-token statistics yet; use "
+            "impl='torch' for them"
+        )
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,6 +308,7 @@ class _BlockWorkspace:
         with_tanh: bool = False,
         for_weight_grad: bool = False,
         for_hidden_grad: bool = False,
+        with_scratch: bool = False,
     ) -> None:
         size, width, device = plan.rows * plan.columns, weight.shape[1], weight.device
         fp32 = {"dtype": torch.float32, "device": device}
@@ -275,6 +317,8 @@ class _BlockWorkspace:
         view)."""
         self.capped = torch.empty(size, **fp32) if with_tanh else None
         """Backward with soft-capping: the final logits while `logits` holds tanh."""
+        self.scratch = torch.empty(size, **fp32) if with_scratch else None
+        """Statistics (forward) and the entropy's gradient (backward): exp(z - m) beside z - m."""
         low = weight.dtype != torch.float32
         self.low_precision = torch.empty(size, dtype=weight.dtype, device=device) if low else None
         """bf16/fp16: a product's output, then dL/dlogits cast for the dH product."""
@@ -354,9 +398,16 @@ def _torch_forward(
     softcap: float | None,
     temperature: float,
     logits_block_bytes: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    stats: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]:
     """Target logits [N] fp32 and log-sum-exp [N] fp32 (unmasked), block by block with an online
-    log-sum-exp; the same contract as `fastdpo.kernels.linear_logprobs.linear_logprobs_forward`."""
+    log-sum-exp; the same contract as `fastdpo.kernels.linear_logprobs.linear_logprobs_forward`.
+    With `stats`, also {name: [N]} of those statistics (`_torch_forward_stats`)."""
+    if stats:
+        return _torch_forward_stats(
+            hidden, weight, bias, safe_targets, softcap=softcap, temperature=temperature,
+            logits_block_bytes=logits_block_bytes, stats=stats,
+        )  # fmt: skip
     rows, width = hidden.shape
     plan = _block_plan(rows, weight.shape[0], width, logits_block_bytes, hidden.device)
     work = _BlockWorkspace(plan, weight)
@@ -384,6 +435,80 @@ def _torch_forward(
     return target_logits, running_max.add_(sum_exp.log_())
 
 
+EXP_FLOOR = -1000.0
+"""z - m (or log p) is clamped here before it multiplies exp(z - m) (or p): exp of it is 0 in
+fp32 as exp(-inf) is, but 0 * -1000 is 0 where 0 * -inf would be NaN (a -inf bias column)."""
+
+
+def _torch_forward_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    safe_targets: torch.Tensor,
+    *,
+    softcap: float | None,
+    temperature: float,
+    logits_block_bytes: int,
+    stats: tuple[str, ...],
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """`_torch_forward` plus the per-token statistics named in `stats` ({name: [N]}: fp32, bool
+    for is_top1), in the same pass: the online sums of the module docstring, block by block.
+
+    A separate loop so that the plain forward stays exactly what it was (no stats, no cost)."""
+    rows, width = hidden.shape
+    vocab = weight.shape[0]
+    plan = _block_plan(rows, vocab, width, logits_block_bytes, hidden.device)
+    work = _BlockWorkspace(plan, weight, with_scratch=True)
+    fp32 = {"dtype": torch.float32, "device": hidden.device}
+    target_logits = torch.zeros(rows, **fp32)
+    running_max = torch.full((rows,), -math.inf, **fp32)
+    sum_exp = torch.zeros(rows, **fp32)
+    sum_shifted = torch.zeros(rows, **fp32)  # u = sum exp(z - m) (z - m)
+    sum_exp2 = torch.zeros(rows, **fp32)  # q = sum exp(z - m)^2
+    sum_logits = torch.zeros(rows, **fp32)
+    argmax = torch.zeros(rows, dtype=torch.int64, device=hidden.device)
+    for begin, weight_block, bias_block in _vocab_blocks(weight, bias, plan):
+        for start in range(0, rows, plan.rows):
+            end = min(start + plan.rows, rows)
+            logits, _ = _block_logits(
+                hidden[start:end], weight_block, bias_block, softcap, temperature, work
+            )
+            index, inside = _targets_in_block(safe_targets[start:end], begin, logits.shape[1])
+            found = target_logits[start:end]
+            torch.where(inside, logits.gather(1, index)[:, 0], found, out=found)
+            if "mean_logit" in stats:
+                sum_logits[start:end] += logits.sum(dim=1)
+            block_max, block_argmax = logits.max(dim=1)  # the first index among ties
+            old_max = running_max[start:end]
+            if "is_top1" in stats:  # strictly greater: an earlier block keeps a tie
+                best = argmax[start:end]
+                torch.where(block_max > old_max, block_argmax + begin, best, out=best)
+            new_max = torch.maximum(old_max, block_max)
+            shift = torch.where(new_max == -math.inf, 0.0, new_max)
+            rescale = (old_max - shift).exp_()
+            shifted = logits.sub_(shift[:, None]).clamp_(min=EXP_FLOOR)  # z - m
+            exp = torch.exp(shifted, out=work.scratch[: shifted.numel()].view(shifted.shape))
+            old_sum = sum_exp[start:end]
+            if "entropy" in stats:  # u' = r (u + (m_old - m_new) s) + sum exp(z - m) (z - m)
+                moved = torch.where(old_max == -math.inf, 0.0, old_max - shift)
+                block_u = shifted.mul_(exp).sum(dim=1)
+                u = sum_shifted[start:end]
+                u.add_(moved * old_sum).mul_(rescale).add_(block_u)
+            block_sum = exp.sum(dim=1)
+            if "log_sum_p2" in stats:
+                sum_exp2[start:end].mul_(rescale.square()).add_(exp.square_().sum(dim=1))
+            old_sum.mul_(rescale).add_(block_sum)
+            old_max.copy_(new_max)
+    log_sum = sum_exp.log()
+    values = {
+        "entropy": log_sum - sum_shifted / sum_exp,
+        "log_sum_p2": sum_exp2.log() - 2 * log_sum,
+        "mean_logit": sum_logits / vocab,
+        "is_top1": argmax == safe_targets,
+    }
+    return target_logits, running_max.add_(log_sum), {name: values[name] for name in stats}
+
+
 def _torch_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -399,9 +524,14 @@ def _torch_backward(
     need_weight: bool,
     need_bias: bool,
     logits_block_bytes: int,
+    entropy: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dH, dW, db) in the inputs' dtype, each None unless asked for; the same contract as
     `fastdpo.kernels.linear_logprobs.linear_logprobs_backward`.
+
+    With `entropy` and `grad_entropy` ([N] fp32, the forward's entropy and dL/dentropy, zero on
+    ignored rows), dL/dz also gets grad_entropy[i] * -p[i, v] (log p[i, v] + entropy[i]).
 
     dL/dz[i, v] = grad_target[i] * [v == t[i]] + grad_softmax[i] * p[i, v]; both [N] fp32 and
     zero on ignored rows. Accumulation is fp32: dH over vocabulary blocks (in place for fp32
@@ -417,6 +547,7 @@ def _torch_backward(
         with_tanh=softcap is not None,
         for_weight_grad=need_weight,
         for_hidden_grad=need_hidden,
+        with_scratch=grad_entropy is not None,
     )
     fp32 = {"dtype": torch.float32, "device": device}
     grad_hidden = torch.zeros(rows, width, **fp32) if need_hidden else None
@@ -431,6 +562,10 @@ def _torch_backward(
     scale = 1.0 / temperature
     grad_target = grad_target * scale
     grad_softmax = grad_softmax * scale
+    if grad_entropy is not None:
+        grad_entropy = grad_entropy * scale
+        # G = p (g_softmax - g_H H) - g_H p log p: the first factor per row
+        grad_softmax = grad_softmax - grad_entropy * entropy
     for begin, weight_block, bias_block in _vocab_blocks(weight, bias, plan):
         end_column = begin + weight_block.shape[0]
         block_dw = None
@@ -442,8 +577,14 @@ def _torch_backward(
             logits, tanh = _block_logits(
                 hidden[start:end], weight_block, bias_block, softcap, temperature, work
             )
-            grad_logits = logits.sub_(lse[start:end, None]).exp_()  # softmax p, in place
-            grad_logits.mul_(grad_softmax[start:end, None])
+            if grad_entropy is None:
+                grad_logits = logits.sub_(lse[start:end, None]).exp_()  # softmax p, in place
+                grad_logits.mul_(grad_softmax[start:end, None])
+            else:
+                log_p = logits.sub_(lse[start:end, None]).clamp_(min=EXP_FLOOR)
+                p = torch.exp(log_p, out=work.scratch[: log_p.numel()].view(log_p.shape))
+                grad_logits = log_p.mul_(p).mul_(-grad_entropy[start:end, None])
+                grad_logits.addcmul_(p, grad_softmax[start:end, None])
             index, inside = _targets_in_block(safe_targets[start:end], begin, logits.shape[1])
             grad_logits.scatter_add_(1, index, (grad_target[start:end] * inside)[:, None])
             if tanh is not None:  # d(c * tanh(x / c))/dx = 1 - tanh^2: G -= G * tanh^2
@@ -492,11 +633,13 @@ def _implementation(options: LinearLogprobsOptions) -> tuple[Callable, Callable]
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
-    """(hidden [N, H], weight [V, H], bias [V] | None, targets [N], options) -> (logp, lse).
+    """(hidden [N, H], weight [V, H], bias [V] | None, targets [N], options) ->
+    (logp, lse, *stats).
 
-    Both outputs are [N] fp32 and 0 on ignored rows; `lse` is the log-sum-exp of the final
-    (capped, tempered) logits. Saves the inputs and the unmasked lse; recomputes logits in
-    backward.
+    `logp` and `lse` are [N] fp32 and 0 on ignored rows; `lse` is the log-sum-exp of the final
+    (capped, tempered) logits. Then one [N] tensor per name in `options.stats` (STATS order; 0 /
+    False on ignored rows), only `entropy` differentiable. Saves the inputs, the unmasked lse
+    (and entropy when asked); recomputes logits in backward.
     """
 
     @staticmethod
@@ -506,32 +649,60 @@ class LinearLogprobsFunction(torch.autograd.Function):
         # bounds (the check still reports it).
         safe_targets = torch.where(valid, targets, 0).clamp_(0, weight.shape[0] - 1)
         forward, _ = _implementation(options)
-        target_logits, lse = forward(
+        stats = options.stats
+        outputs = forward(
             hidden,
             weight,
             bias,
             safe_targets,
             softcap=options.softcap,
             temperature=options.temperature,
+            **({"stats": stats} if stats else {}),  # impls without stats never see the keyword
         )
+        target_logits, lse = outputs[0], outputs[1]
+        values = outputs[2] if stats else {}
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
         logp = torch.where(valid, target_logits - lse, zero)
         masked_lse = torch.where(valid, lse, zero)
-        ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse)
+        masked = [
+            valid & values[name] if name == "is_top1" else torch.where(valid, values[name], zero)
+            for name in stats
+        ]
+        named = zip(stats, masked, strict=True)
+        detached = [out for name, out in named if name not in DIFFERENTIABLE_STATS]
+        ctx.mark_non_differentiable(*detached)
+        # Unused outputs give None in backward, not zeros: no entropy term unless it is used.
+        ctx.set_materialize_grads(False)
+        entropy = values.get("entropy")
+        ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse, entropy)
         ctx.options = options
-        return logp, masked_lse
+        return (logp, masked_lse, *masked)
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_lse):
-        hidden, weight, bias, safe_targets, valid, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_lse, *grad_stats):
+        hidden, weight, bias, safe_targets, valid, lse, entropy = ctx.saved_tensors
         options: LinearLogprobsOptions = ctx.options
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         need_bias = bias is not None and ctx.needs_input_grad[2]
+        nothing = (None,) * 5
+        grad_entropy = None
+        if entropy is not None:
+            grad_entropy = grad_stats[options.stats.index("entropy")]
         if not (need_hidden or need_weight or need_bias):
-            return None, None, None, None, None
+            return nothing
+        if grad_logp is None and grad_lse is None and grad_entropy is None:
+            return nothing
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_target = torch.where(valid, grad_logp.float(), zero)
-        grad_softmax = torch.where(valid, grad_lse.float() - grad_logp.float(), zero)
+        grad_logp = zero if grad_logp is None else grad_logp.float()
+        grad_lse = zero if grad_lse is None else grad_lse.float()
+        grad_target = torch.where(valid, grad_logp, zero)
+        grad_softmax = torch.where(valid, grad_lse - grad_logp, zero)
+        entropy_args = {}
+        if grad_entropy is not None:
+            entropy_args = {
+                "entropy": torch.where(valid, entropy, zero),
+                "grad_entropy": torch.where(valid, grad_entropy.float(), zero),
+            }
         _, backward = _implementation(options)
         grad_hidden, grad_weight, grad_bias = backward(
             hidden,
@@ -546,6 +717,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             need_hidden=need_hidden,
             need_weight=need_weight,
             need_bias=need_bias,
+            **entropy_args,
         )
         return grad_hidden, grad_weight, grad_bias, None, None
 
@@ -564,8 +736,14 @@ def linear_logprobs(
     temperature: float = 1.0,
     ignore_index: int | None = -100,
     return_lse: bool = False,
+    return_stats: Sequence[str] = (),
     impl: Impl = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> (
+    torch.Tensor
+    | tuple[torch.Tensor, torch.Tensor]
+    | tuple[torch.Tensor, dict[str, torch.Tensor]]
+    | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+):
     """Log-probabilities of `targets` under the head `weight` (and `bias`), never building logits.
 
     Args:
@@ -580,11 +758,18 @@ def linear_logprobs(
             None: no row is ignored (every target is a vocabulary id), which skips the host
             sync that counting ignored rows costs (`sequence_logps` passes None).
         return_lse: also return the log-sum-exp of the final logits.
+        return_stats: names from STATS ("entropy", "log_sum_p2", "mean_logit", "is_top1") of
+            per-token statistics of the final (capped, tempered) logits to compute in the same
+            pass (definitions in the module docstring); () computes none and costs nothing.
         impl: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1), "torch" (pure PyTorch,
             in blocks of rows x vocabulary) or "auto" (triton on CUDA, torch elsewhere).
 
     Returns:
-        logp: [...] fp32; with `return_lse`, also lse: [...] fp32.
+        logp: [...] fp32; with `return_lse`, also lse: [...] fp32; with `return_stats`, last a
+        dict {name: [...]} in the order of STATS: fp32 values (bool for "is_top1"), 0 (False) on
+        ignored rows. Only "entropy" carries a gradient (to hidden, weight and bias, through
+        the soft-cap and temperature); the others are detached. So `logp, stats = ...` or
+        `logp, lse, stats = ...`.
 
     Ignored rows cost no matmul work: they are dropped before the head (an index_select of the
     other rows, as cut-cross-entropy does) and their zeros scattered back, so `[B, T]` labels
@@ -600,6 +785,7 @@ def linear_logprobs(
     """
     _validate(hidden, weight, targets, bias, softcap, temperature)
     resolved = _resolve_impl(impl, hidden.device)
+    stats = _check_stats(return_stats, resolved)
     logger.debug(
         "linear_logprobs: impl=%s (asked %s), hidden %s %s, vocab %d",
         resolved,
@@ -619,6 +805,7 @@ def linear_logprobs(
         ignore_index=int(ignore_index),
         impl=resolved,
         logits_block_bytes=LOGITS_BLOCK_BYTES,  # read at call time so it can be tuned per process
+        stats=stats,
     )
     lead_shape = targets.shape
     flat_hidden, flat_targets = hidden.reshape(-1, width), targets.reshape(-1)
@@ -626,13 +813,14 @@ def linear_logprobs(
     if kept is not None:  # no matmul work for ignored rows: run on the others, scatter back
         flat_hidden = flat_hidden.index_select(0, kept)
         flat_targets = flat_targets.index_select(0, kept)
-    logp, lse = LinearLogprobsFunction.apply(flat_hidden, weight, bias, flat_targets, options)
+    outputs = LinearLogprobsFunction.apply(flat_hidden, weight, bias, flat_targets, options)
     if kept is not None:
-        logp, lse = (_scatter_rows(values, kept, targets.numel()) for values in (logp, lse))
-    logp = logp.reshape(lead_shape)
-    if return_lse:
-        return logp, lse.reshape(lead_shape)
-    return logp
+        outputs = [_scatter_rows(values, kept, targets.numel()) for values in outputs]
+    logp, lse, *stat_values = (values.reshape(lead_shape) for values in outputs)
+    results = (logp, lse) if return_lse else (logp,)
+    if stats:
+        results += (dict(zip(stats, stat_values, strict=True)),)
+    return results if len(results) > 1 else logp
 
 
 def _kept_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
@@ -643,5 +831,6 @@ def _kept_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
 
 
 def _scatter_rows(values: torch.Tensor, kept: torch.Tensor, rows: int) -> torch.Tensor:
-    """[rows] fp32: `values` [K] at the `kept` rows, 0 elsewhere (differentiable in `values`)."""
+    """[rows] in `values`' dtype: `values` [K] at the `kept` rows, 0 (False) elsewhere
+    (differentiable in `values`)."""
     return values.new_zeros(rows).index_copy(0, kept, values)
