@@ -903,3 +903,57 @@ def test_step_use_weighting_and_head_metrics_read_the_heads_statistics(tmp_path,
         assert float(metrics[key]) == float(value)
     batch_loss(model, batch, cache, LossSettings(loss="sigmoid"))
     assert asked[-1] == {}  # nothing asked of the head when the options are off
+
+
+def _full_logit_stats(model, batch) -> dict[str, torch.Tensor]:
+    """Per-target statistics from full float64 logits of each sequence run on its own
+    (unpacked, the model's own attention): the independent reference for the fused head."""
+    cu, positions = batch.cu_seqlens.tolist(), batch.target_positions
+    logits_rows = []
+    with torch.no_grad():
+        for s in range(batch.num_sequences):
+            ids = batch.input_ids[cu[s] : cu[s + 1]]
+            logits = model(input_ids=ids[None]).logits[0].double()
+            inside = (positions >= cu[s]) & (positions < cu[s + 1])
+            logits_rows.append(logits[positions[inside] - cu[s]])
+    logits = torch.cat(logits_rows)
+    logp = logits.log_softmax(-1)
+    target = batch.target_ids.long()
+    return {
+        "token_logps": logp.gather(1, target[:, None])[:, 0],
+        "log_sum_p2": torch.logsumexp(2 * logp, -1),
+        "entropy": -(logp.exp() * logp).sum(-1),
+        "mean_logit": logits.mean(-1),
+        "is_top1": logits.argmax(-1) == target,
+    }
+
+
+def test_step_wpo_and_head_metrics_with_the_real_head_match_full_logits(tmp_path):
+    """use_weighting and head_metrics through sequence_logps(stats=...) (the fused head's own
+    statistics) agree with the same loss and metrics from float64 full logits."""
+    from fastdpo.train.step import LossSettings, batch_loss
+
+    model, batch, cache = _step_setup(tmp_path, per_token=True)
+    model.eval()  # no dropout in the tiny model either way; eval for the unpacked forwards
+    settings = LossSettings(
+        loss={"sigmoid": 1.0, "sft": 0.5},
+        params={"use_weighting": True, "ld_alpha": 0.6},
+        head_metrics=True,
+    )
+    loss, metrics = batch_loss(model, batch, cache, settings)
+    full = _full_logit_stats(model, batch)
+    ref = cache.for_batch(batch, with_tokens=True)
+    expected, _ = packed_preference_loss(
+        full["token_logps"],
+        batch.target_cu,
+        ref_token_logps=ref.token_logps.double(),
+        token_log_sum_p2=full["log_sum_p2"],
+        loss={"sigmoid": 1.0, "sft": 0.5},
+        use_weighting=True,
+        ld_alpha=0.6,
+        impl="torch",
+    )
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=2e-6)
+    stats = {k: full[k] for k in ("entropy", "mean_logit", "is_top1")}
+    for key, value in head_metrics(stats, batch.target_cu).items():
+        assert float(metrics[key]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
