@@ -797,7 +797,8 @@ def test_config_takes_the_options_as_top_level_keys():
 
 
 def test_trainer_with_ld_alpha_builds_a_per_token_cache_and_refuses_one_without(tmp_path):
-    """End to end: `reference: auto` builds the cache with per-token values for ld_alpha (a
+    """End to end (sigmoid_norm, js_divergence, ld_alpha, use_weighting through the fused
+    head): `reference: auto` builds the cache with per-token values for ld_alpha (a
     plain run beside it is not reused), and `reference: <folder>` without them is refused."""
     import json as json_module
 
@@ -837,7 +838,12 @@ def test_trainer_with_ld_alpha_builds_a_per_token_cache_and_refuses_one_without(
     ld_run = Trainer(
         TrainConfig(
             output_dir=str(tmp_path / "runs" / "b_ld"),
-            loss_params={"ld_alpha": 0.5, "f_divergence_type": "js_divergence"},
+            loss="sigmoid_norm",
+            loss_params={
+                "ld_alpha": 0.5,
+                "f_divergence_type": "js_divergence",
+                "use_weighting": True,
+            },
             **common,
         )
     )
