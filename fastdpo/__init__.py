@@ -35,6 +35,8 @@ _EXPORTS = {
     "TrainConfig": "fastdpo.train",
     "Trainer": "fastdpo.train",
     "TrainResult": "fastdpo.train",
+    "evaluate": "fastdpo.evaluation.ranking",
+    "implicit_reward": "fastdpo.evaluation.implicit_reward",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -13,8 +13,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from fastdpo.demo import add_parser as add_demo
+from fastdpo.evaluation.eval_command import add_parser as add_eval
 from fastdpo.evaluation.generate_pairs_command import add_parser as add_generate_pairs
 from fastdpo.evaluation.iterate_command import add_parser as add_iterate
+from fastdpo.evaluation.score_command import add_parser as add_score
 from fastdpo.evaluation.sweep_command import add_parser as add_sweep
 from fastdpo.precompute import add_parser as add_precompute_ref
 from fastdpo.train.command import add_parser as add_train
@@ -26,6 +28,8 @@ SUBCOMMANDS: list[SubcommandAdder] = [
     add_demo,
     add_train,
     add_precompute_ref,
+    add_eval,
+    add_score,
     add_sweep,
     add_generate_pairs,
     add_iterate,
