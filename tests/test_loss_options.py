@@ -887,7 +887,7 @@ def test_step_use_weighting_and_head_metrics_read_the_heads_statistics(tmp_path,
         asked.append(kwargs)
         out = sequence_logps(model, batch, return_token_logps=True)
         wanted = kwargs.get("stats", ())
-        return SimpleNamespace(**vars(out), token_stats={k: stats[k] for k in wanted})
+        return SimpleNamespace(**{**vars(out), "token_stats": {k: stats[k] for k in wanted}})
 
     monkeypatch.setattr(step_module, "packed_forward", forward)
     settings = LossSettings(loss="sigmoid", params={"use_weighting": True}, head_metrics=True)
