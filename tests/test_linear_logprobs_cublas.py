@@ -341,6 +341,13 @@ def test_auto_never_picks_cublas_on_the_cpu(caplog):
     assert op_module._resolve_impl("auto", torch.device("cpu")) == "torch"
 
 
+def test_statistics_are_refused_with_what_to_do():
+    """Per-token statistics are not computed by this impl (yet): asking says which impls do."""
+    hidden, weight, _, targets, _, _ = make_inputs(Case(4, 8, 10), torch.float32)
+    with pytest.raises(ValueError, match=r"impl='cublas'.*'torch'"):
+        linear_logprobs(hidden, weight, targets, impl="cublas", return_stats=("entropy",))
+
+
 def test_fp32_products_off_the_gpu():
     assert cublas.fp32_products(torch.device("cpu"), torch.float32)
     assert not cublas.fp32_products(torch.device("cpu"), torch.bfloat16)
