@@ -31,8 +31,10 @@ Accumulation is fp32 everywhere:
 Tile sizes come from a byte budget (`TILE_BYTES`: the tile's logits plus the gradient beside
 them): as many rows as allow `MIN_TILE_COLUMNS` columns, then as many columns as fit. TRL 1.16's
 chunked head uses [4096 tokens x 32768 vocabulary] tiles in bf16 (256 MiB); here, at (16384,
-4096, 128256) bf16, the default gives one row chunk of 16384 and 47 vocabulary chunks of 2729
-columns (fp32 logits + bf16 G: 256 MiB). Neither number has been measured on a GPU yet.
+4096, 128256) bf16, the default gives one row chunk of 16384 rows and vocabulary chunks of 4008
+columns in forward (fp32 logits, 32 chunks) and 2729 in backward (fp32 logits + bf16 G, 47
+chunks), 256 MiB each. Neither number has been measured on a GPU yet: the GPU check runs the
+defaults; `TILE_BYTES` / `MIN_TILE_COLUMNS` are the knobs to sweep.
 
 On the CPU the same code runs with torch's CPU GEMMs and the fold kernels under the Triton
 interpreter (TRITON_INTERPRET=1 set before fastdpo is imported): slow, for tests.
