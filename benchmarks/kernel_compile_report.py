@@ -116,27 +116,35 @@ def _head_splits(rows: int, vocab: int, config: head.TileConfig, max_splits: int
     return math.ceil(v_tiles / wanted)
 
 
-def head_forward(*, bias: bool = False, softcap: float | None = None) -> Launch:
+def head_forward(
+    *, bias: bool = False, softcap: float | None = None, stats: bool = False
+) -> Launch:
+    """The forward kernel; with `stats`, computing every per-token statistic (head.STATS)."""
     rows, width, vocab, hidden, weight, b = _head_tensors(bias)
     config = head.default_config(torch.bfloat16, backward=False)
     tiles = _head_splits(rows, vocab, config, max_splits=1 << 30)
     splits = math.ceil(math.ceil(vocab / config.block_v) / tiles)
     partial = meta(splits, rows, dtype=torch.float32)
+    stat_partials = (partial, partial, partial, partial, meta(splits, rows, dtype=torch.int32))
     return Launch(
         head._linear_logprobs_fwd_kernel,
         (hidden, weight, b if bias else hidden, meta(rows, dtype=torch.int64), partial, partial,
-         rows, vocab, width),
+         *stat_partials, rows, vocab, width),
         dict(tiles_per_split=tiles, **head._common_args(hidden, weight, softcap, 1.0),
-             **head._constexprs(hidden, b, softcap, config)),
+             **head._constexprs(hidden, b, softcap, config),
+             ENTROPY=stats, SUM_P2=stats, MEAN_LOGIT=stats, TOP1=stats),
     )  # fmt: skip
 
 
 def _row_vectors(rows: int) -> tuple[torch.Tensor, ...]:
+    """targets, lse, grad_target, grad_softmax, entropy, grad_entropy."""
     targets = meta(rows, dtype=torch.int64)
-    return (targets, *(meta(rows, dtype=torch.float32) for _ in range(3)))
+    return (targets, *(meta(rows, dtype=torch.float32) for _ in range(5)))
 
 
-def head_backward_hidden(*, bias: bool = False, softcap: float | None = None) -> Launch:
+def head_backward_hidden(
+    *, bias: bool = False, softcap: float | None = None, entropy_grad: bool = False
+) -> Launch:
     rows, width, vocab, hidden, weight, b = _head_tensors(bias)
     config = head.default_config(torch.bfloat16, backward=True)
     max_splits = max(1, config.max_split_hidden_bytes // (4 * rows * width))
@@ -147,11 +155,13 @@ def head_backward_hidden(*, bias: bool = False, softcap: float | None = None) ->
         (hidden, weight, b if bias else hidden, *_row_vectors(rows),
          meta(splits, rows, width, dtype=torch.float32), rows, vocab, width),
         dict(tiles_per_split=tiles, **head._common_args(hidden, weight, softcap, 1.0),
-             **head._constexprs(hidden, b, softcap, config)),
+             **head._constexprs(hidden, b, softcap, config), HAS_ENTROPY_GRAD=entropy_grad),
     )  # fmt: skip
 
 
-def head_backward_weight(*, bias: bool = False, softcap: float | None = None) -> Launch:
+def head_backward_weight(
+    *, bias: bool = False, softcap: float | None = None, entropy_grad: bool = False
+) -> Launch:
     rows, width, vocab, hidden, weight, b = _head_tensors(bias)
     config = head.default_config(torch.bfloat16, backward=True)
     slab = PROGRAMS_WANTED * config.block_v  # bf16 weights: the fp32 slab of 2 programs per SM
@@ -161,7 +171,7 @@ def head_backward_weight(*, bias: bool = False, softcap: float | None = None) ->
          meta(slab, width, dtype=torch.float32), meta(vocab, dtype=torch.float32),
          rows, slab, 2 * slab, width),
         dict(HAS_DW=True, HAS_DB=bias, **head._common_args(hidden, weight, softcap, 1.0),
-             **head._constexprs(hidden, b, softcap, config)),
+             **head._constexprs(hidden, b, softcap, config), HAS_ENTROPY_GRAD=entropy_grad),
     )  # fmt: skip
 
 
@@ -253,6 +263,12 @@ def fold_backward(tile_dtype: torch.dtype) -> Launch:
 SPECS: list[KernelSpec] = [
     KernelSpec("linear_logprobs.fwd", _FWD, head_forward, matmul=True),
     KernelSpec("linear_logprobs.fwd", f"{_FWD} softcap", lambda: head_forward(softcap=30.0), True),
+    KernelSpec(
+        "linear_logprobs.fwd",
+        f"{_FWD} softcap + all stats",
+        lambda: head_forward(softcap=30.0, stats=True),
+        matmul=True,
+    ),
     KernelSpec("linear_logprobs.bwd_hidden", _BWD, head_backward_hidden, matmul=True),
     KernelSpec(
         "linear_logprobs.bwd_hidden",
@@ -260,7 +276,19 @@ SPECS: list[KernelSpec] = [
         lambda: head_backward_hidden(softcap=30.0),
         True,
     ),
+    KernelSpec(
+        "linear_logprobs.bwd_hidden",
+        f"{_BWD} softcap + entropy grad",
+        lambda: head_backward_hidden(softcap=30.0, entropy_grad=True),
+        matmul=True,
+    ),
     KernelSpec("linear_logprobs.bwd_weight", f"{_BWD} dW", head_backward_weight, matmul=True),
+    KernelSpec(
+        "linear_logprobs.bwd_weight",
+        f"{_BWD} dW softcap + entropy grad",
+        lambda: head_backward_weight(softcap=30.0, entropy_grad=True),
+        matmul=True,
+    ),
     KernelSpec(
         "linear_logprobs.bwd_weight",
         f"{_BWD} dW+db bias softcap",

@@ -15,6 +15,12 @@ registers.
   logit (0 if the target is in another split) per row. With one split these are the results;
   otherwise a fixed-order `logsumexp` over the [splits, N] partials combines them. Splitting V
   gives small-N calls enough programs to fill the GPU.
+  With constexpr flags (ENTROPY, SUM_P2, MEAN_LOGIT, TOP1) it also folds per-token statistics
+  into the same walk (fastdpo.ops.linear_logprobs defines them): u = sum exp(z - m) (z - m),
+  q = sum exp(z - m)^2, sum z and the first index of the running max, rescaled with m; each
+  split writes its own entropy / log sum p^2 (of its own softmax), sum of logits, max and
+  argmax, combined in a fixed order (`_combine_split_stats`). With every flag off the compiled
+  kernel is the one without statistics (five unused pointer arguments aside).
 - `_linear_logprobs_bwd_hidden_kernel`, grid (row tiles, V splits): dH = G @ W. A program owns
   its rows' [BLOCK_N, H] slice of an fp32 accumulator in global memory and, per vocabulary tile,
   recomputes the logit tile, forms G and adds G @ W_tile chunk by chunk over H. Splits write
@@ -33,6 +39,9 @@ array. Every split therefore walks `tiles_per_split` tiles; the last split's til
 fully masked, which adds exact zeros and leaves the critical path as it was (that program does
 no more tiles than the others).
 
+Both backward kernels take the entropy's gradient behind HAS_ENTROPY_GRAD: G gains
+grad_entropy * -p (log p + entropy), from the forward's entropy; nothing more is recomputed.
+
 No atomics: every output element is written by one program in a fixed order, so results are
 bitwise reproducible. The price is one extra logit recompute (10NHV FLOPs with both gradients
 versus 8NHV with atomics); each backward kernel runs only when its gradient is needed, so a frozen
@@ -42,6 +51,7 @@ head (LoRA) costs 6NHV and no dW work at all.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +122,19 @@ def _logit_tile(
 
 
 @triton.jit
+def _entropy_rows(entropy_ptr, grad_entropy_ptr, offs_n, row_mask, placeholder, LOAD: tl.constexpr):
+    """(entropy, dL/dentropy) [BLOCK_N] fp32 of the rows; `placeholder` twice (never read)
+    without LOAD."""
+    if LOAD:
+        entropy = tl.load(entropy_ptr + offs_n, mask=row_mask, other=0.0)
+        grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=row_mask, other=0.0)
+    else:
+        entropy = placeholder
+        grad_entropy = placeholder
+    return entropy, grad_entropy
+
+
+@triton.jit
 def _grad_logit_tile(
     z,
     tanh,
@@ -120,15 +143,25 @@ def _grad_logit_tile(
     lse,
     grad_target,
     grad_softmax,
+    entropy,
+    grad_entropy,
     valid,
     inv_temperature,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
 ):
-    """dL/dz_raw [BLOCK_N, BLOCK_V] fp32; zero outside `valid` (rows < N and columns < V)."""
-    p = tl.exp(z - lse[:, None])
-    g = grad_softmax[:, None] * p + tl.where(
-        offs_v[None, :] == targets[:, None], grad_target[:, None], 0.0
-    )
+    """dL/dz_raw [BLOCK_N, BLOCK_V] fp32; zero outside `valid` (rows < N and columns < V).
+
+    With HAS_ENTROPY_GRAD, dL/dz also gets grad_entropy * -p (log p + entropy)."""
+    if HAS_ENTROPY_GRAD:
+        # log p floored: p = exp(log p) is 0 there either way, and 0 * -1000 = 0 where
+        # 0 * -inf = NaN. One expression, so that no second [BLOCK_N, BLOCK_V] tile stays live.
+        log_p = tl.maximum(z - lse[:, None], -1000.0)
+        coefficient = grad_softmax - grad_entropy * entropy
+        g = tl.exp(log_p) * (coefficient[:, None] - grad_entropy[:, None] * log_p)
+    else:
+        g = grad_softmax[:, None] * tl.exp(z - lse[:, None])
+    g = g + tl.where(offs_v[None, :] == targets[:, None], grad_target[:, None], 0.0)
     g = g * inv_temperature
     if HAS_SOFTCAP:  # d(c * tanh(x / c))/dx = 1 - tanh(x / c)^2
         g = g * (1.0 - tanh * tanh)
@@ -144,6 +177,11 @@ def _linear_logprobs_fwd_kernel(
     targets_ptr,  # [N] int, in [0, V)
     target_logit_ptr,  # [SPLITS, N] fp32 out
     lse_ptr,  # [SPLITS, N] fp32 out
+    entropy_ptr,  # [SPLITS, N] fp32 out: each split's own entropy (ENTROPY; else dummy)
+    sum_p2_ptr,  # [SPLITS, N] fp32 out: each split's own log sum p^2 (SUM_P2; else dummy)
+    sum_logits_ptr,  # [SPLITS, N] fp32 out: each split's sum of logits (MEAN_LOGIT; else dummy)
+    max_ptr,  # [SPLITS, N] fp32 out: each split's max logit (TOP1; else dummy)
+    argmax_ptr,  # [SPLITS, N] int32 out: its first index (TOP1; else dummy)
     N,
     V,
     H,
@@ -156,6 +194,10 @@ def _linear_logprobs_fwd_kernel(
     tiles_per_split,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    SUM_P2: tl.constexpr,
+    MEAN_LOGIT: tl.constexpr,
+    TOP1: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -171,6 +213,16 @@ def _linear_logprobs_fwd_kernel(
     running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Statistics (each only when asked): u = sum exp(z - m) (z - m), q = sum exp(z - m)^2, sum z,
+    # the first index of the running max.
+    if ENTROPY:
+        sum_shifted = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if SUM_P2:
+        sum_exp2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if MEAN_LOGIT:
+        sum_logits = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if TOP1:
+        best = tl.zeros((BLOCK_N,), dtype=tl.int32)
     # Host-computed trip count (module docstring, "Loop bounds"); tiles past V are masked.
     for tile in range(0, tiles_per_split):
         offs_v = v_begin + tile * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -180,13 +232,30 @@ def _linear_logprobs_fwd_kernel(
             stride_hn, stride_hh, stride_wv, stride_wh, softcap, inv_temperature,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
         )  # fmt: skip
-        new_max = tl.maximum(running_max, tl.max(z, axis=1))
+        tile_max = tl.max(z, axis=1)
+        new_max = tl.maximum(running_max, tile_max)
         # A row whose logits so far are all -inf (a -inf bias masking whole tiles) shifts by 0,
         # not by -inf: exp(-inf - -inf) would be NaN and poison the row's sum for good.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(
-            tl.exp(z - shift[:, None]), axis=1
-        )
+        rescale = tl.exp(running_max - shift)
+        exp = tl.exp(z - shift[:, None])
+        if ENTROPY:  # u' = r (u + (m_old - m_new) s) + sum exp(z - m) (z - m)
+            moved = tl.where(running_max == float("-inf"), 0.0, running_max - shift)
+            # z - m floored: exp of it is 0 either way, and 0 * -1000 = 0 where 0 * -inf = NaN.
+            shifted = tl.maximum(z - shift[:, None], -1000.0)
+            sum_shifted = rescale * (sum_shifted + moved * running_sum) + tl.sum(
+                exp * shifted, axis=1
+            )
+        if SUM_P2:
+            sum_exp2 = rescale * rescale * sum_exp2 + tl.sum(exp * exp, axis=1)
+        if MEAN_LOGIT:
+            sum_logits += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+        if TOP1:  # strictly greater: an earlier tile keeps a tie (torch.argmax's first index)
+            # The first column holding the tile's max, as a min over int32 column ids: lighter
+            # on registers than tl.argmax's (value, index) reduction.
+            at_max = tl.where(z == tile_max[:, None], offs_v[None, :], 2147483647)
+            best = tl.where(tile_max > running_max, tl.min(at_max, axis=1), best)
+        running_sum = running_sum * rescale + tl.sum(exp, axis=1)
         running_max = new_max
         is_target = offs_v[None, :] == targets[:, None]
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
@@ -194,6 +263,16 @@ def _linear_logprobs_fwd_kernel(
     out = split.to(tl.int64) * N + offs_n
     tl.store(lse_ptr + out, running_max + tl.log(running_sum), mask=row_mask)
     tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
+    if ENTROPY:  # -sum p log p = log s - u / s
+        entropy = tl.log(running_sum) - sum_shifted / running_sum
+        tl.store(entropy_ptr + out, entropy, mask=row_mask)
+    if SUM_P2:  # log sum p^2 = log q - 2 log s
+        tl.store(sum_p2_ptr + out, tl.log(sum_exp2) - 2.0 * tl.log(running_sum), mask=row_mask)
+    if MEAN_LOGIT:
+        tl.store(sum_logits_ptr + out, sum_logits, mask=row_mask)
+    if TOP1:
+        tl.store(max_ptr + out, running_max, mask=row_mask)
+        tl.store(argmax_ptr + out, best, mask=row_mask)
 
 
 @triton.jit
@@ -205,6 +284,8 @@ def _linear_logprobs_bwd_hidden_kernel(
     lse_ptr,  # [N] fp32
     grad_target_ptr,  # [N] fp32
     grad_softmax_ptr,  # [N] fp32
+    entropy_ptr,  # [N] fp32 (HAS_ENTROPY_GRAD; else dummy)
+    grad_entropy_ptr,  # [N] fp32 (HAS_ENTROPY_GRAD; else dummy)
     grad_hidden_ptr,  # [SPLITS, N, H] fp32 out, contiguous
     N,
     V,
@@ -218,6 +299,7 @@ def _linear_logprobs_bwd_hidden_kernel(
     tiles_per_split,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -231,6 +313,9 @@ def _linear_logprobs_bwd_hidden_kernel(
     lse = tl.load(lse_ptr + offs_n, mask=row_mask, other=0.0)
     grad_target = tl.load(grad_target_ptr + offs_n, mask=row_mask, other=0.0)
     grad_softmax = tl.load(grad_softmax_ptr + offs_n, mask=row_mask, other=0.0)
+    entropy, grad_entropy = _entropy_rows(
+        entropy_ptr, grad_entropy_ptr, offs_n, row_mask, grad_softmax, HAS_ENTROPY_GRAD
+    )
     v_begin = split * tiles_per_split * BLOCK_V
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -247,8 +332,8 @@ def _linear_logprobs_bwd_hidden_kernel(
         )  # fmt: skip
         valid = row_mask[:, None] & col_mask[None, :]
         g = _grad_logit_tile(
-            z, tanh, offs_v, targets, lse, grad_target, grad_softmax, valid, inv_temperature,
-            HAS_SOFTCAP,
+            z, tanh, offs_v, targets, lse, grad_target, grad_softmax, entropy, grad_entropy, valid,
+            inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD,
         ).to(w_dtype)  # fmt: skip
         w_rows = weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv
         for h0 in range(0, H, BLOCK_H):
@@ -275,6 +360,8 @@ def _linear_logprobs_bwd_weight_kernel(
     lse_ptr,  # [N] fp32
     grad_target_ptr,  # [N] fp32
     grad_softmax_ptr,  # [N] fp32
+    entropy_ptr,  # [N] fp32 (HAS_ENTROPY_GRAD; else dummy)
+    grad_entropy_ptr,  # [N] fp32 (HAS_ENTROPY_GRAD; else dummy)
     grad_weight_ptr,  # [v_end - v_begin, H] fp32 out, contiguous (dummy without HAS_DW)
     grad_bias_ptr,  # [V] fp32 out (dummy without HAS_DB)
     N,
@@ -289,6 +376,7 @@ def _linear_logprobs_bwd_weight_kernel(
     inv_temperature,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
     HAS_DW: tl.constexpr,
     HAS_DB: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -312,6 +400,9 @@ def _linear_logprobs_bwd_weight_kernel(
         lse = tl.load(lse_ptr + offs_n, mask=row_mask, other=0.0)
         grad_target = tl.load(grad_target_ptr + offs_n, mask=row_mask, other=0.0)
         grad_softmax = tl.load(grad_softmax_ptr + offs_n, mask=row_mask, other=0.0)
+        entropy, grad_entropy = _entropy_rows(
+            entropy_ptr, grad_entropy_ptr, offs_n, row_mask, grad_softmax, HAS_ENTROPY_GRAD
+        )
         z, tanh = _logit_tile(
             hidden_ptr, weight_ptr, bias_ptr, offs_n, row_mask, offs_v, col_mask, H,
             stride_hn, stride_hh, stride_wv, stride_wh, softcap, inv_temperature,
@@ -319,8 +410,8 @@ def _linear_logprobs_bwd_weight_kernel(
         )  # fmt: skip
         valid = row_mask[:, None] & col_mask[None, :]
         g = _grad_logit_tile(
-            z, tanh, offs_v, targets, lse, grad_target, grad_softmax, valid, inv_temperature,
-            HAS_SOFTCAP,
+            z, tanh, offs_v, targets, lse, grad_target, grad_softmax, entropy, grad_entropy, valid,
+            inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD,
         )  # fmt: skip
         if HAS_DB:
             grad_bias += tl.sum(g, axis=0)
@@ -504,6 +595,12 @@ def _constexprs(hidden, bias, softcap, config: TileConfig):
     )
 
 
+STATS = ("entropy", "log_sum_p2", "mean_logit", "is_top1")
+"""The per-token statistics the forward kernel computes when asked."""
+_PARTIAL_STATS = ("entropy", "log_sum_p2", "mean_logit", "max", "argmax")
+"""The forward kernel's statistics outputs, in its argument order."""
+
+
 def linear_logprobs_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -513,12 +610,18 @@ def linear_logprobs_forward(
     softcap: float | None,
     temperature: float,
     config: TileConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    stats: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]:
     """Target logits and log-sum-exp of the final logits, both [N] fp32.
 
     hidden [N, H], weight [V, H], bias [V] or None (one float dtype); targets [N] int32/int64,
     every entry in [0, V) (the caller maps ignored rows to any valid id and masks the result).
+    With `stats` (names from STATS), also {name: [N]} of those per-token statistics (fp32; bool
+    for "is_top1"), computed in the same pass; definitions in fastdpo.ops.linear_logprobs.
     """
+    unknown = set(stats) - set(STATS)
+    if unknown:
+        raise ValueError(f"stats: unknown {sorted(unknown)}; known: {STATS}")
     config = config or default_config(hidden.dtype, backward=False)
     _check_inputs(hidden, weight, bias, targets, {})
     rows, width = hidden.shape
@@ -529,18 +632,71 @@ def linear_logprobs_forward(
     )
     partial_target = torch.empty(splits, rows, dtype=torch.float32, device=hidden.device)
     partial_lse = torch.empty(splits, rows, dtype=torch.float32, device=hidden.device)
+    partial = {
+        name: torch.empty(splits, rows, dtype=torch.float32, device=hidden.device)
+        for name in ("entropy", "log_sum_p2", "mean_logit")
+        if name in stats
+    }
+    if "is_top1" in stats:
+        partial["max"] = torch.empty(splits, rows, dtype=torch.float32, device=hidden.device)
+        partial["argmax"] = torch.empty(splits, rows, dtype=torch.int32, device=hidden.device)
     if rows > 0:
         _linear_logprobs_fwd_kernel[(row_tiles, splits)](
             hidden, weight, bias if bias is not None else hidden, targets,
             partial_target, partial_lse,
+            *(partial.get(name, partial_lse) for name in _PARTIAL_STATS),
             **_scalars(N=rows, V=vocab, H=width, tiles_per_split=tiles_per_split),
             **_common_args(hidden, weight, softcap, temperature),
             **_constexprs(hidden, bias, softcap, config),
+            ENTROPY="entropy" in stats, SUM_P2="log_sum_p2" in stats,
+            MEAN_LOGIT="mean_logit" in stats, TOP1="is_top1" in stats,
         )  # fmt: skip
     if splits == 1:
-        return partial_target[0], partial_lse[0]
-    # Only the split holding the target wrote a non-zero target logit.
-    return partial_target.sum(0), torch.logsumexp(partial_lse, dim=0)
+        target_logits, lse = partial_target[0], partial_lse[0]
+    else:
+        # Only the split holding the target wrote a non-zero target logit.
+        target_logits, lse = partial_target.sum(0), torch.logsumexp(partial_lse, dim=0)
+    if not stats:
+        return target_logits, lse
+    values = _combine_split_stats(partial, partial_lse, lse, vocab)
+    if "is_top1" in stats:
+        values["is_top1"] = values.pop("argmax") == targets
+    return target_logits, lse, {name: values[name] for name in stats}
+
+
+def _combine_split_stats(
+    partial: dict[str, torch.Tensor], partial_lse: torch.Tensor, lse: torch.Tensor, vocab: int
+) -> dict[str, torch.Tensor]:
+    """[N] statistics from the kernel's [SPLITS, N] per-split ones (each of a split's own
+    softmax), in a fixed order. With w_k = exp(lse_k - lse), the weight of split k:
+
+        entropy    = sum_k w_k (entropy_k + lse - lse_k)
+        log_sum_p2 = logsumexp_k (log_sum_p2_k + 2 (lse_k - lse))
+        mean_logit = sum_k sum_logits_k / V;    argmax = the first split's holding the max
+
+    A split whose logits are all -inf (a -inf bias) has w_k = 0 and NaN statistics: skipped."""
+    splits = partial_lse.shape[0]
+    values = {}
+    if "mean_logit" in partial:
+        values["mean_logit"] = partial["mean_logit"].sum(0) / vocab
+    if "argmax" in partial:
+        maxima = partial["max"]
+        first = (maxima == maxima.amax(0)).to(torch.uint8).argmax(0)  # first index among ties
+        values["argmax"] = partial["argmax"].gather(0, first[None])[0]
+    if splits == 1:
+        for name in ("entropy", "log_sum_p2"):
+            if name in partial:
+                values[name] = partial[name][0]
+        return values
+    empty = partial_lse == -math.inf
+    if "entropy" in partial:
+        weight = torch.exp(partial_lse - lse)
+        terms = weight * (partial["entropy"] + (lse - partial_lse))
+        values["entropy"] = torch.where(empty, 0.0, terms).sum(0)
+    if "log_sum_p2" in partial:
+        terms = partial["log_sum_p2"] + 2 * (partial_lse - lse)
+        values["log_sum_p2"] = torch.logsumexp(torch.where(empty, -math.inf, terms), dim=0)
+    return values
 
 
 def linear_logprobs_backward(
@@ -558,14 +714,23 @@ def linear_logprobs_backward(
     need_weight: bool,
     need_bias: bool,
     config: TileConfig | None = None,
+    entropy: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dH [N, H], dW [V, H], db [V]) in the inputs' dtype, each None unless asked for.
 
     lse [N] fp32 is the forward's (unmasked) log-sum-exp; dL/dz[i, v] = grad_target[i] *
     [v == targets[i]] + grad_softmax[i] * softmax(z)[i, v], both [N] fp32 (zero on ignored rows).
+    With `entropy` and `grad_entropy` (both [N] fp32: the forward's entropy and dL/dentropy, zero
+    on ignored rows), dL/dz also gets grad_entropy[i] * -p[i, v] (log p[i, v] + entropy[i]).
     """
     config = config or default_config(hidden.dtype, backward=True)
     row_vectors = {"lse": lse, "grad_target": grad_target, "grad_softmax": grad_softmax}
+    if (entropy is None) != (grad_entropy is None):
+        raise ValueError("entropy and grad_entropy come together (or neither)")
+    has_entropy_grad = entropy is not None
+    if has_entropy_grad:
+        row_vectors.update(entropy=entropy, grad_entropy=grad_entropy)
     _check_inputs(hidden, weight, bias, targets, row_vectors)
     if need_bias and bias is None:
         raise ValueError("need_bias=True without a bias")
@@ -574,7 +739,9 @@ def linear_logprobs_backward(
     dtype, device = hidden.dtype, hidden.device
     common = _common_args(hidden, weight, softcap, temperature)
     constexprs = _constexprs(hidden, bias, softcap, config)
+    constexprs["HAS_ENTROPY_GRAD"] = has_entropy_grad
     bias_arg = bias if bias is not None else hidden
+    entropy_args = (row_vectors.get("entropy", lse), row_vectors.get("grad_entropy", lse))
 
     grad_hidden = None
     if need_hidden:
@@ -585,7 +752,8 @@ def linear_logprobs_backward(
         partial = torch.empty(splits, rows, width, dtype=torch.float32, device=device)
         if rows > 0:
             _linear_logprobs_bwd_hidden_kernel[(row_tiles, splits)](
-                hidden, weight, bias_arg, targets, lse, grad_target, grad_softmax, partial,
+                hidden, weight, bias_arg, targets, lse, grad_target, grad_softmax,
+                *entropy_args, partial,
                 **_scalars(N=rows, V=vocab, H=width, tiles_per_split=tiles_per_split),
                 **common, **constexprs,
             )  # fmt: skip
@@ -594,8 +762,8 @@ def linear_logprobs_backward(
     grad_weight = grad_bias = None
     if need_weight or need_bias:
         grad_weight, grad_bias = _weight_grads(
-            hidden, weight, bias_arg, targets, row_vectors, need_weight, need_bias, config, common,
-            constexprs,
+            hidden, weight, bias_arg, targets, row_vectors, entropy_args, need_weight, need_bias,
+            config, common, constexprs,
         )  # fmt: skip
     return grad_hidden, grad_weight, grad_bias
 
@@ -606,6 +774,7 @@ def _weight_grads(
     bias_arg,
     targets,
     row_vectors,
+    entropy_args,
     need_weight,
     need_bias,
     config,
@@ -645,7 +814,7 @@ def _weight_grads(
         else:
             _linear_logprobs_bwd_weight_kernel[(triton.cdiv(v_end - v_begin, config.block_v),)](
                 hidden, weight, bias_arg, targets, row_vectors["lse"],
-                row_vectors["grad_target"], row_vectors["grad_softmax"], out,
+                row_vectors["grad_target"], row_vectors["grad_softmax"], *entropy_args, out,
                 grad_bias if grad_bias is not None else dummy,
                 **_scalars(N=rows, v_begin=v_begin, v_end=v_end, H=width),
                 HAS_DW=need_weight, HAS_DB=need_bias, **common, **constexprs,

@@ -13,7 +13,7 @@ from fastdpo.ops import linear_logprobs as op_module
 from fastdpo.ops.linear_logprobs import STATS, linear_logprobs
 
 IGNORE = -100
-IMPLS = ["torch"]  # the triton kernels gain the statistics in the next commit
+IMPLS = ["torch", "triton"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ def case_id(case: Case) -> str:
     return "-".join(parts)
 
 
-def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
+def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
     """hidden [N, H], weight [V, H], bias [V] | None in `dtype`; targets [N] (1 in 5 ignored)."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(case.rows, case.width, generator=gen)
@@ -59,8 +59,9 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
     # Rows whose target is the top-1 token, so that is_top1 is tested both ways.
     logits = hidden @ weight.T + (0 if bias is None else bias)
     targets[1::4] = logits[1::4].argmax(dim=1)
-    bias = None if bias is None else bias.to(dtype)
-    return hidden.to(dtype), weight.to(dtype), bias, targets
+    to = {"dtype": dtype, "device": device}
+    bias = None if bias is None else bias.to(**to)
+    return hidden.to(**to), weight.to(**to), bias, targets.to(device)
 
 
 def reference_stats(hidden, weight, bias, targets, case: Case) -> dict[str, torch.Tensor]:
@@ -80,7 +81,7 @@ def reference_stats(hidden, weight, bias, targets, case: Case) -> dict[str, torc
         "log_sum_p2": torch.log((p * p).sum(dim=-1)),
         "mean_logit": logits.mean(dim=-1),
     }
-    zero = torch.zeros((), dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=logits.device)
     stats = {name: torch.where(valid, value, zero) for name, value in values.items()}
     stats["is_top1"] = valid & (logits.argmax(dim=-1) == targets)
     return stats
@@ -147,21 +148,29 @@ def _reference_logp(ref, targets, case: Case) -> torch.Tensor:
     return torch.where(valid, picked, torch.zeros((), dtype=torch.float64))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("impl", "dtype"),
+    [("torch", torch.float16), ("torch", torch.bfloat16), ("triton", torch.float16)],
+)
 def test_low_precision_stats_within_the_plain_pytorch_error(impl, dtype):
+    # bf16 is garbage in the interpreter's tl.dot (raw bits): the gpu test covers triton bf16.
+    check_low_precision(CASES[1], impl, dtype, "cpu")
+
+
+def check_low_precision(case: Case, impl: str, dtype: torch.dtype, device: str) -> None:
     """bf16/fp16 inputs: each statistic's error against float64 at most twice that of the same
     statistic from the plain PyTorch head in that dtype (full logits in fp32 from a bf16/fp16
-    matmul)."""
-    case = CASES[1]
-    hidden, weight, bias, targets = make_inputs(case, dtype)
+    matmul); is_top1 equal to the plain head's wherever its top two logits are apart."""
+    hidden, weight, bias, targets = make_inputs(case, dtype, device=device)
     _, stats = linear_logprobs(
         hidden, weight, targets, bias=bias, softcap=case.softcap, temperature=case.temperature,
         return_stats=STATS, impl=impl,
     )  # fmt: skip
     expected = reference_stats(hidden, weight, bias, targets, case)
     logits = torch.nn.functional.linear(hidden, weight, bias).float()
-    logits = case.softcap * torch.tanh(logits / case.softcap) / case.temperature
+    if case.softcap is not None:
+        logits = case.softcap * torch.tanh(logits / case.softcap)
+    logits = logits / case.temperature
     log_p = logits.log_softmax(dim=-1)
     plain = {
         "entropy": -(log_p.exp() * log_p).sum(-1),
@@ -173,6 +182,10 @@ def test_low_precision_stats_within_the_plain_pytorch_error(impl, dtype):
         ours_error = (stats[name].double() - expected[name])[valid].abs().max()
         plain_error = (value.double() - expected[name])[valid].abs().max()
         assert ours_error <= 2 * plain_error + 1e-6, name
+    top2 = logits.topk(2, dim=-1).values
+    apart = (top2[:, 0] - top2[:, 1]) > 1e-2
+    plain_top1 = valid & (logits.argmax(-1) == targets)
+    assert torch.equal(stats["is_top1"][apart], plain_top1[apart])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -219,28 +232,34 @@ def test_only_entropy_is_differentiable(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_ties_and_minus_inf_bias(impl):
+@pytest.mark.parametrize("rows", [6, 64])
+def test_ties_and_minus_inf_bias(impl, rows, monkeypatch):
     """A -inf bias column has p = 0: finite entropy and gradient (0 * -inf must not become NaN),
-    mean_logit -inf; a tie for the top logit counts for the first index only (torch.argmax)."""
+    mean_logit -inf; a tie for the top logit counts for the first index only (torch.argmax).
+
+    Columns 5 and 20 share a vocabulary tile (64 wide); 77 lies in another: of another split
+    with 6 rows (the interpreter's kernels split V into 3 for one row tile), of the same split
+    with 64 rows. The torch impl walks blocks of 64 columns."""
     vocab, width = 150, 16
-    hidden = torch.randn(6, width)
+    monkeypatch.setattr(op_module, "INPUT_BLOCK_BYTES", 4 * width * 64)
+    hidden = torch.randn(rows, width)
     weight = torch.randn(vocab, width) * 0.1
-    weight[5] = weight[77] = 0.0  # columns 5 and 77 tie exactly in every row,
+    weight[[5, 20, 77]] = 0.0  # columns 5, 20 and 77 tie exactly in every row,
     bias = torch.zeros(vocab)
-    bias[5] = bias[77] = 50.0  # as the top-1
-    bias[140] = -float("inf")
-    targets = torch.tensor([5, 77, 3, 140, 5, 77])
+    bias[[5, 20, 77]] = 50.0  # as the top-1
+    bias[128:] = -float("inf")  # a whole vocabulary tile (a split under the interpreter)
+    targets = torch.tensor([5, 77, 3, 140, 20, 77]).repeat(rows // 6 + 1)[:rows]
     hidden.requires_grad_()
     _, stats = linear_logprobs(hidden, weight, targets, bias=bias, return_stats=STATS, impl=impl)
-    assert stats["is_top1"].tolist() == [True, False, False, False, True, False]
+    assert torch.equal(stats["is_top1"], targets == 5)
     assert torch.isfinite(stats["entropy"]).all() and torch.isfinite(stats["log_sum_p2"]).all()
     assert (stats["mean_logit"] == -float("inf")).all()
     (grad,) = torch.autograd.grad(stats["entropy"].sum(), hidden)
     assert torch.isfinite(grad).all()
     finite = bias.clone()
-    finite[140] = -1e4  # the same distribution to fp32 precision, with a finite column
+    finite[128:] = -1e4  # the same distribution to fp32 precision, with finite columns
     ref = leaves(hidden, weight, finite, torch.float64)
-    expected = reference_stats(ref[0], ref[1], ref[2], targets, Case(6, width, vocab, bias=True))
+    expected = reference_stats(ref[0], ref[1], ref[2], targets, Case(rows, width, vocab, bias=True))
     assert torch.allclose(stats["entropy"].double(), expected["entropy"], rtol=1e-5, atol=1e-6)
     (grad_ref,) = torch.autograd.grad(expected["entropy"].sum(), ref[0])
     assert torch.allclose(grad.double(), grad_ref, rtol=1e-4, atol=1e-6)
@@ -318,3 +337,47 @@ def test_sequence_logps_passes_the_stats_through():
     # The entropy reaches the model's parameters.
     out.token_stats["entropy"].sum().backward()
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+GPU_CASES = [
+    Case(rows=1000, width=512, vocab=32_000, bias=True),
+    Case(rows=300, width=256, vocab=50_257, softcap=30.0, temperature=0.7),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_gpu_stats(case, impl):
+    """Realistic shapes on CUDA: fp32 against float64 (values and entropy gradient), bf16 and
+    fp16 against the plain PyTorch head's error."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    hidden, weight, bias, targets = make_inputs(case, torch.float32, device="cuda")
+    ours = leaves(hidden, weight, bias, torch.float32)
+    _, stats = linear_logprobs(
+        ours[0], ours[1], targets, bias=ours[2], softcap=case.softcap,
+        temperature=case.temperature, return_stats=STATS, impl=impl,
+    )  # fmt: skip
+    ref = leaves(hidden, weight, bias, torch.float64)
+    expected = reference_stats(ref[0], ref[1], ref[2], targets, case)
+    # Products of H=512 fp32 terms (tf32-free): logits to ~1e-6 relative.
+    check_values(stats, expected, rtol=1e-5)
+    grad_entropy = torch.randn(case.rows, device="cuda")
+    grads = torch.autograd.grad((stats["entropy"] * grad_entropy).sum(), ours[0])
+    grads_ref = torch.autograd.grad((expected["entropy"] * grad_entropy.double()).sum(), ref[0])
+    assert (grads[0].double() - grads_ref[0]).abs().max() <= 1e-4 * grads_ref[0].abs().max()
+    for dtype in (torch.bfloat16, torch.float16):
+        check_low_precision(case, impl, dtype, "cuda")
+
+
+def test_kernels_and_op_name_the_same_stats():
+    from fastdpo.kernels import linear_logprobs as kernels
+
+    assert kernels.STATS == STATS
+
+
+def test_cublas_impl_refuses_stats_with_what_to_do():
+    hidden, weight, _, targets = make_inputs(CASES[0], torch.float32)
+    with pytest.raises(ValueError, match=r"impl='cublas' does not compute.*impl='triton' or"):
+        linear_logprobs(hidden, weight, targets, return_stats=("entropy",), impl="cublas")
