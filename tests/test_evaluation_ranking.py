@@ -284,3 +284,18 @@ def test_eval_command_prints_the_ranking_and_writes_the_report(folders, tmp_path
     best = report["ranking"][0]
     assert f"1     {best['model']}" in printed or best["model"] in printed.splitlines()[3]
     assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
+
+
+def test_loaded_modules_and_tokenized_pairs_equal_paths(folders):
+    pairs, _ = _tokenized(folders["a"], folders["data"])
+    model = AutoModelForCausalLM.from_pretrained(folders["a"], dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(folders["ref"], dtype=torch.float32)
+    model.train()
+    by_modules = fastdpo.evaluate({"a": model}, pairs, ref=ref, n_boot=20)
+    assert model.training  # its mode is restored
+    by_paths = fastdpo.evaluate(
+        {"a": str(folders["a"])}, str(folders["data"]), ref=str(folders["ref"]), n_boot=20
+    )
+    for name in ("logp_accuracy", "reward_accuracy", "reward_margin", "loss"):
+        got, expected = by_modules["models"]["a"][name], by_paths["models"]["a"][name]
+        assert got == pytest.approx(expected, rel=1e-6, abs=1e-7), name

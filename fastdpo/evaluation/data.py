@@ -55,6 +55,11 @@ class EvalData:
     truncated_prompts, truncated_completions."""
 
 
+def is_pretokenized(data: Any) -> bool:
+    """True if `data` is a non-empty list of `TokenizedPair`s (no tokenizer needed)."""
+    return isinstance(data, Sequence) and bool(data) and isinstance(data[0], TokenizedPair)
+
+
 def prepare_data(
     data: Any,
     tokenizer: Any,
@@ -72,7 +77,7 @@ def prepare_data(
     reward ignores) instead of bad rows.
     """
     settings = tokenization_settings(**tokenize)
-    if isinstance(data, Sequence) and data and isinstance(data[0], TokenizedPair):
+    if is_pretokenized(data):
         pairs = list(data)
         return EvalData(
             pairs=pairs,

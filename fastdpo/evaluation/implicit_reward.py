@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fastdpo.data.types import PackedBatch, Role
-from fastdpo.evaluation.data import prepare_data, tokenization_kwargs
+from fastdpo.evaluation.data import is_pretokenized, prepare_data, tokenization_kwargs
 from fastdpo.evaluation.logps import (
     ExampleLogps,
     cache_logps,
@@ -135,7 +135,7 @@ def score_rows(
         trust_remote_code=trust_remote_code,
     )
     tokenize = tokenization_kwargs(max_length, tokenization)
-    if tokenizer is None:
+    if tokenizer is None and not is_pretokenized(data):
         tokenizer = _tokenizer_of(model if isinstance(model, str) else ref)
     prepared = prepare_data(
         data,

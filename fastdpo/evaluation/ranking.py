@@ -34,7 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastdpo.evaluation.data import EvalData, prepare_data, tokenization_kwargs
+from fastdpo.evaluation.data import (
+    EvalData,
+    is_pretokenized,
+    prepare_data,
+    tokenization_kwargs,
+)
 from fastdpo.evaluation.logps import (
     ExampleLogps,
     cache_logps,
@@ -119,7 +124,8 @@ def evaluate(
     run_device = resolve_device(device)
     weights_dtype = resolve_dtype(dtype, run_device)
     tokenize = tokenization_kwargs(max_length, tokenization)
-    tokenizer = tokenizer if tokenizer is not None else _default_tokenizer(specs, ref, ref_is_cache)
+    if tokenizer is None and not is_pretokenized(pairs):
+        tokenizer = _default_tokenizer(specs, ref, ref_is_cache)
     data = prepare_data(pairs, tokenizer, tokenize=tokenize, on_bad_row=on_bad_row, split=split)
     if not check_one_kind(data.pairs):
         raise EvaluationInputError(
