@@ -121,7 +121,7 @@ def head_forward(
 ) -> Launch:
     """The forward kernel; with `stats`, computing every per-token statistic (head.STATS)."""
     rows, width, vocab, hidden, weight, b = _head_tensors(bias)
-    config = head.default_config(torch.bfloat16, backward=False)
+    config = head.default_config(torch.bfloat16, backward=False, stats=stats)
     tiles = _head_splits(rows, vocab, config, max_splits=1 << 30)
     splits = math.ceil(math.ceil(vocab / config.block_v) / tiles)
     partial = meta(splits, rows, dtype=torch.float32)
@@ -183,6 +183,7 @@ def _tiles(config: head.TileConfig) -> str:
 
 
 _FWD = _tiles(head.default_config(torch.bfloat16, backward=False))
+_FWD_STATS = _tiles(head.default_config(torch.bfloat16, backward=False, stats=True))
 _BWD = _tiles(head.default_config(torch.bfloat16, backward=True))
 
 # --------------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ SPECS: list[KernelSpec] = [
     KernelSpec("linear_logprobs.fwd", f"{_FWD} softcap", lambda: head_forward(softcap=30.0), True),
     KernelSpec(
         "linear_logprobs.fwd",
-        f"{_FWD} softcap + all stats",
+        f"{_FWD_STATS} softcap + all stats",
         lambda: head_forward(softcap=30.0, stats=True),
         matmul=True,
     ),

@@ -467,6 +467,10 @@ class TileConfig:
 # fp32 operands take twice the shared memory per stage, hence the narrower H chunk.
 GPU_FORWARD_CONFIG = TileConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
 GPU_BACKWARD_CONFIG = TileConfig(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=2)
+# The forward with statistics holds more than one tile too (logits, their exponentials, the
+# column ids for the argmax): at 128 rows it spilled 144-184 B per thread on sm_80 (triton 3.6
+# and 3.9; none on sm_90), at 64 none on either (benchmarks/kernel_compile_report.py).
+GPU_FORWARD_STATS_CONFIG = dataclasses.replace(GPU_FORWARD_CONFIG, block_n=64)
 # The interpreter runs programs one after another with numpy: small tiles keep test shapes
 # covering several tiles, splits and masked edges while staying fast.
 INTERPRETER_CONFIG = TileConfig(block_n=16, block_v=64, block_h=32, num_warps=1, num_stages=1)
@@ -477,10 +481,14 @@ def is_interpreted() -> bool:
     return type(_linear_logprobs_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def default_config(dtype: torch.dtype, *, backward: bool) -> TileConfig:
+def default_config(dtype: torch.dtype, *, backward: bool, stats: bool = False) -> TileConfig:
+    """The tiles a launch uses when none is given (`stats`: a forward computing statistics)."""
     if is_interpreted():
         return INTERPRETER_CONFIG
-    config = GPU_BACKWARD_CONFIG if backward else GPU_FORWARD_CONFIG
+    if backward:
+        config = GPU_BACKWARD_CONFIG
+    else:
+        config = GPU_FORWARD_STATS_CONFIG if stats else GPU_FORWARD_CONFIG
     if dtype == torch.float32:
         config = dataclasses.replace(config, block_h=32)
     return config
@@ -622,7 +630,7 @@ def linear_logprobs_forward(
     unknown = set(stats) - set(STATS)
     if unknown:
         raise ValueError(f"stats: unknown {sorted(unknown)}; known: {STATS}")
-    config = config or default_config(hidden.dtype, backward=False)
+    config = config or default_config(hidden.dtype, backward=False, stats=bool(stats))
     _check_inputs(hidden, weight, bias, targets, {})
     rows, width = hidden.shape
     vocab = weight.shape[0]
