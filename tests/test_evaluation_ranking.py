@@ -299,3 +299,30 @@ def test_loaded_modules_and_tokenized_pairs_equal_paths(folders):
     for name in ("logp_accuracy", "reward_accuracy", "reward_margin", "loss"):
         got, expected = by_modules["models"]["a"][name], by_paths["models"]["a"][name]
         assert got == pytest.approx(expected, rel=1e-6, abs=1e-7), name
+
+
+def test_eval_generate_hands_models_prompts_judge_and_sampling_to_compare_generations(
+    monkeypatch, tmp_path, capsys
+):
+    from fastdpo.evaluation import generation_compare
+
+    calls = []
+
+    def fake(models, prompts, judge, **kwargs):
+        calls.append((models, prompts, judge, kwargs))
+        ranking = [
+            {"model": m, "mean_score": 1.0 - i, "bt_score": -float(i)} for i, m in enumerate(models)
+        ]
+        return {"ranking": ranking, "win_rates": {}, "judge_calls": 6}
+
+    monkeypatch.setattr(generation_compare, "compare_generations", fake)
+    assert cli.main(["eval", "--generate", "--model", "m1", "--judge", "j:f"]) == 2
+    assert "--generate needs --prompts and --judge" in capsys.readouterr().err
+    out = tmp_path / "gen.json"
+    args = ["eval", "--generate", "--model", "m1", "--model", "m2", "--prompts", "p.txt"]
+    args += ["--judge", "j:f", "--temperature", "0.5", "--seed", "4", "--report", str(out)]
+    assert cli.main(args) == 0
+    sampling = {"seed": 4, "device": None, "temperature": 0.5}
+    assert calls == [(["m1", "m2"], "p.txt", "j:f", sampling)]
+    assert "judge calls: 6" in capsys.readouterr().out
+    assert json.loads(out.read_text())["judge_calls"] == 6
