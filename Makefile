@@ -52,7 +52,7 @@ MUTMUT_VERSION := 3.8.1
 MUTATE ?= losses planner data reference model ops
 MUTATE_JOBS ?= 2
 MUTATE_DIR := build/mutate
-MUTATE_SRC_losses := fastdpo/losses.py
+MUTATE_SRC_losses := fastdpo/losses/*.py
 MUTATE_TESTS_losses := tests/test_losses.py tests/test_loss_metrics_values.py \
 	tests/test_fused_linear_preference_loss.py
 MUTATE_SRC_planner := fastdpo/data/planner.py

@@ -839,6 +839,7 @@ def test_trainer_with_ld_alpha_builds_a_per_token_cache_and_refuses_one_without(
         TrainConfig(
             output_dir=str(tmp_path / "runs" / "b_ld"),
             loss="sigmoid_norm",
+            log_head_metrics=True,
             loss_params={
                 "ld_alpha": 0.5,
                 "f_divergence_type": "js_divergence",
@@ -852,6 +853,10 @@ def test_trainer_with_ld_alpha_builds_a_per_token_cache_and_refuses_one_without(
     result = ld_run.train()
     losses = [row["loss"] for row in result.history if "loss" in row]
     assert losses and all(math.isfinite(v) for v in losses)
+    head = [row for row in result.history if "entropy" in row]  # log_head_metrics
+    assert head and all(0 < row["entropy"] <= math.log(len(tokenizer)) + 1e-4 for row in head)
+    assert all(0 <= row["mean_token_accuracy"] <= 1 for row in head)
+    assert not any("entropy" in row for row in plain.history)  # off by default: nothing asked
     with pytest.raises(ConfigError, match="fastdpo precompute-ref --per-token"):
         Trainer(
             TrainConfig(

@@ -163,7 +163,10 @@ class Trainer:
             total_steps=self.total_steps, reference_caches=self.reference.paths()
         )
         self.loss_settings = LossSettings(
-            loss=config.loss, beta=config.beta, params=dict(config.loss_params)
+            loss=config.loss,
+            beta=config.beta,
+            params=dict(config.loss_params),
+            head_metrics=config.log_head_metrics,
         )
         self._sizes = [p.num_tokens for p in self.data.train]
         self._chosen_tokens = [
