@@ -302,6 +302,7 @@ def test_final_folder_loads_with_from_pretrained(fsdp2_run, model_dir):
 
 _FAILING_SCRIPT = """
 import sys
+import time
 from fastdpo.cli import main
 from fastdpo.train.trainer import Trainer
 
@@ -310,6 +311,8 @@ original = Trainer._run_step
 def run_step(self):
     if self.rank == 1 and self.state.global_step == 1:
         raise RuntimeError("injected failure on rank 1 at step 2")
+    if len(sys.argv) > 3 and self.rank == 0 and self.state.global_step == 1:
+        time.sleep(600)  # stands in for a collective that never fails
     return original(self)
 
 Trainer._run_step = run_step
@@ -333,6 +336,25 @@ def test_a_failure_on_one_rank_ends_both_with_its_error(strategy, model_dir, dat
     message = "rank 1 failed: RuntimeError: injected failure on rank 1 at step 2"
     assert f"fastdpo train: [rank 0] stopped: {message}" in proc.stderr, proc.stderr[-4000:]
     assert "[rank 1] fastdpo.train: rank 1 failed: RuntimeError: injected" in proc.stderr
+
+
+def test_a_rank_stuck_when_a_peer_fails_is_ended_with_the_peers_error(
+    model_dir, data_file, tmp_path
+):
+    """Rank 0 blocked where no collective fails (a sleep stands in): the failure watch thread
+    reports rank 1's error and ends it within its grace time, long before the timeout."""
+    config = tmp_path / "run.yaml"
+    values = config_values(model_dir, data_file, tmp_path / "run", distributed_timeout=600)
+    config.write_text(yaml.safe_dump(values))
+    script = tmp_path / "fail.py"
+    script.write_text(textwrap.dedent(_FAILING_SCRIPT))
+    started = time.monotonic()
+    proc = torchrun([str(script), str(config), "ddp", "stuck"], timeout=180)
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0
+    assert elapsed < 120, elapsed
+    message = "rank 1 failed: RuntimeError: injected failure on rank 1 at step 2"
+    assert f"fastdpo train: [rank 0] stopped: {message}" in proc.stderr, proc.stderr[-4000:]
 
 
 # ------------------------------------------------------------------------------------------------

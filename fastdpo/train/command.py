@@ -177,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig.from_yaml(args.config, overrides)
         trainer = Trainer(config)
+        # a rank blocked in a collective when a peer fails reports it the same way
+        trainer.parallel.report_peer_failure = lambda message: print(
+            f"fastdpo train: {where}stopped: {message}", file=sys.stderr
+        )
         result = trainer.train()
     except (ConfigError, BadRowError, ReferenceCacheError, FileNotFoundError, ValueError) as error:
         print(f"fastdpo train: {where}error: {error}", file=sys.stderr)

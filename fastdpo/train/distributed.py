@@ -30,7 +30,11 @@ zero-weight copies of their smallest pair (`micro_batch_count`).
 A failure on one rank ends every rank with that rank's error: the failing rank posts its
 error to the rendezvous store and tears its process group down, which makes the collectives
 the others are blocked in fail at once (instead of at `distributed_timeout`); they read the
-posted error and raise `RankFailedError` naming the rank and its message.
+posted error and raise `RankFailedError` naming the rank and its message. Tearing down does
+not always close the connections (a wrapper holding the group keeps it alive, seen under load
+with FSDP2 on gloo: rank 0 stayed blocked until torchrun killed it, without the error), so a
+watch thread on every rank also polls the store: when a peer's error is posted and this rank
+has not ended with it after `_PEER_GRACE_S`, the thread reports it and ends the process.
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ import contextlib
 import inspect
 import logging
 import os
+import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -59,6 +66,11 @@ STRATEGIES = ("auto", "ddp", "fsdp2")
 FITS_FRACTION = 0.5
 """`strategy: auto` picks DDP while weights + gradients + AdamW state take at most this share
 of one device's memory (the rest is for activations, the fused head's tiles, the allocator)."""
+
+_PEER_GRACE_S = 3.0
+"""How long the watch thread lets this rank's own code end with a peer's posted error (a
+collective failing, `RankFailedError`) before it reports the error and exits the process."""
+_WATCH_INTERVAL_S = 0.25
 
 _FAILURE_KEY = "fastdpo/failure"
 _SEEN_KEY = "fastdpo/failure-seen"
@@ -82,6 +94,9 @@ class Parallel:
     """"none" (one process), "ddp" or "fsdp2" (after `choose_strategy`)."""
     store: Any = None
     """The rendezvous store (failure messages travel through it); None in one process."""
+    report_peer_failure: Callable[[str], None] | None = None
+    """How the watch thread reports a peer's error ("rank R failed: ...") before it ends a
+    process stuck in a collective; None: logged as an error."""
 
     @property
     def distributed(self) -> bool:
@@ -240,11 +255,36 @@ class Parallel:
         if not self.distributed or self.store is None:
             yield
             return
+        ended = threading.Event()
+        watch = threading.Thread(
+            target=self._watch_peers, args=(ended,), name="fastdpo-failure-watch", daemon=True
+        )
+        watch.start()
         try:
             yield
         except BaseException as error:
+            ended.set()
             self._fail(error)
             raise
+        finally:
+            ended.set()
+
+    def _watch_peers(self, ended: threading.Event) -> None:
+        """Ends this process with a peer's posted error if this rank's own code has not ended
+        within `_PEER_GRACE_S` of it being posted (blocked in a collective that never fails)."""
+        while not ended.wait(_WATCH_INTERVAL_S):
+            posted = self._posted_failure()
+            if posted is None or posted[0] == self.rank:
+                continue
+            if ended.wait(_PEER_GRACE_S):
+                return
+            message = f"rank {posted[0]} failed: {posted[1]}"
+            (self.report_peer_failure or (lambda m: logger.error("stopped: %s", m)))(message)
+            with contextlib.suppress(Exception):
+                self.store.add(_SEEN_KEY, 1)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
 
     def _fail(self, error: BaseException) -> None:
         posted = self._posted_failure()
