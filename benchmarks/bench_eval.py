@@ -30,11 +30,9 @@ cross-check that both computed the same thing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -201,31 +199,8 @@ def _trl_call(case: dict, device: torch.device):
 def run_one(python: str | None, case: dict, timeout_s: float) -> dict:
     """One case in a fresh `python` process running this script (TRL may live in another
     venv); a row with status "error" and the reason if it fails."""
-    if python is None:
-        return {**case, "status": "skipped", "note": "trl not installed (pass --trl-python)"}
-    command = [python, str(SCRIPT), "--worker", json.dumps(case)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["HF_DATASETS_CACHE"] = str(Path(case["workdir"]) / "datasets-cache")
-    try:
-        proc = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            cwd=harness.REPO_ROOT,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        return {**case, "status": "error", "note": f"timed out after {timeout_s:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(harness._RESULT_PREFIX):
-            row = json.loads(line[len(harness._RESULT_PREFIX) :])
-            if case["impl"].startswith("trl"):
-                row["trl_version"] = bench_train._version_in(python, "trl")
-            return row
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    reason = lines[-1] if lines else "no output"
-    return {**case, "status": "error", "note": f"worker exit code {proc.returncode}: {reason}"}
+    trl_case = case["impl"].startswith("trl")
+    return harness.run_with_python(python, SCRIPT, case, timeout_s=timeout_s, trl_case=trl_case)
 
 
 def render(rows: list[dict]) -> str:

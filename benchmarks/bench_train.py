@@ -47,7 +47,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -474,38 +473,9 @@ def trl_python(args: argparse.Namespace) -> str | None:
 
 
 def run_one(python: str | None, case: dict, timeout_s: float) -> dict:
-    """`harness.run_isolated` with a chosen interpreter (TRL may live in another venv)."""
-    if python is None:
-        return {**case, "status": "skipped", "note": "trl not installed (pass --trl-python)"}
-    command = [python, str(SCRIPT), "--worker", json.dumps(case)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["HF_DATASETS_CACHE"] = str(Path(case["workdir"]) / "datasets-cache")
-    try:
-        proc = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            cwd=harness.REPO_ROOT,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        return {**case, "status": "error", "note": f"timed out after {timeout_s:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(harness._RESULT_PREFIX):
-            row = json.loads(line[len(harness._RESULT_PREFIX) :])
-            if case["impl"] != "fastdpo":
-                row["trl_version"] = _version_in(python, "trl")
-            return row
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    reason = lines[-1] if lines else "no output"
-    return {**case, "status": "error", "note": f"worker exit code {proc.returncode}: {reason}"}
-
-
-def _version_in(python: str, distribution: str) -> str:
-    code = f"from importlib import metadata; print(metadata.version({distribution!r}))"
-    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
-    return proc.stdout.strip() or "unknown"
+    """`harness.run_with_python` for this script (TRL may live in another venv)."""
+    trl_case = case["impl"] != "fastdpo"
+    return harness.run_with_python(python, SCRIPT, case, timeout_s=timeout_s, trl_case=trl_case)
 
 
 def find_longest(python, base: dict, args, limit_mib: float, log) -> dict:

@@ -155,19 +155,54 @@ def run_isolated(script: Path, case: dict, *, timeout_s: float) -> dict:
     A case that crashes or times out comes back as a row with status "error" and the reason in
     "note", so one failing baseline does not end the whole run.
     """
-    command = [sys.executable, str(script), "--worker", json.dumps(case)]
+    row, _ = _run_worker(sys.executable, script, case, timeout_s=timeout_s, env=None)
+    return row
+
+
+def run_with_python(
+    python: str | None, script: Path, case: dict, *, timeout_s: float, trl_case: bool
+) -> dict:
+    """`run_isolated` with a chosen interpreter (TRL may live in another venv), offline and
+    with a datasets cache under the case's "workdir".
+
+    `python` None means TRL is not installed: the row says "skipped". A `trl_case` row that the
+    worker returned gets "trl_version" as seen by that interpreter.
+    """
+    if python is None:
+        return {**case, "status": "skipped", "note": "trl not installed (pass --trl-python)"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["HF_DATASETS_CACHE"] = str(Path(case["workdir"]) / "datasets-cache")
+    row, from_worker = _run_worker(python, script, case, timeout_s=timeout_s, env=env)
+    if from_worker and trl_case:
+        row["trl_version"] = version_in(python, "trl")
+    return row
+
+
+def _run_worker(
+    python: str, script: Path, case: dict, *, timeout_s: float, env: dict | None
+) -> tuple[dict, bool]:
+    """The worker's result row and True, or an "error" row (timeout, crash) and False."""
+    command = [python, str(script), "--worker", json.dumps(case)]
     try:
         proc = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT
+            command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, env=env
         )
     except subprocess.TimeoutExpired:
-        return {**case, "status": "error", "note": f"timed out after {timeout_s:.0f} s"}
+        return {**case, "status": "error", "note": f"timed out after {timeout_s:.0f} s"}, False
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_PREFIX):
-            return json.loads(line[len(_RESULT_PREFIX) :])
+            return json.loads(line[len(_RESULT_PREFIX) :]), True
     stderr_lines = [line for line in proc.stderr.splitlines() if line.strip()]
     reason = stderr_lines[-1] if stderr_lines else "no output"
-    return {**case, "status": "error", "note": f"worker exit code {proc.returncode}: {reason}"}
+    note = f"worker exit code {proc.returncode}: {reason}"
+    return {**case, "status": "error", "note": note}, False
+
+
+def version_in(python: str, distribution: str) -> str:
+    """The installed version of `distribution` as `python` sees it; "unknown" if not found."""
+    code = f"from importlib import metadata; print(metadata.version({distribution!r}))"
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
 
 
 def run_cases(
