@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from evaluation_fixtures import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastdpo
@@ -21,8 +22,6 @@ from fastdpo.evaluation.models import EvaluationInputError
 from fastdpo.evaluation.ranking import pair_metrics
 from fastdpo.reference import ReferenceCache
 from fastdpo.reference_fingerprint import tokenization_settings
-from fastdpo.testing.models import tiny_model
-from fastdpo.testing.tokenizer import build_tiny_tokenizer
 from fastdpo.train.config import TrainConfig
 from fastdpo.train.trainer import Trainer
 
@@ -37,22 +36,15 @@ ROWS = [
 BETA = 0.1
 
 
-def _save_model(folder: Path, seed: int) -> Path:
-    tokenizer = build_tiny_tokenizer()
-    tiny_model("llama", vocab_size=len(tokenizer), seed=seed).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
     data = root / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return {
-        "a": _save_model(root / "model_a", 0),
-        "b": _save_model(root / "model_b", 1),
-        "ref": _save_model(root / "model_ref", 2),
+        "a": save_tiny_model(root / "model_a", 0),
+        "b": save_tiny_model(root / "model_b", 1),
+        "ref": save_tiny_model(root / "model_ref", 2),
         "data": data,
         "root": root,
     }

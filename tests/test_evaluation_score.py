@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from evaluation_fixtures import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastdpo
@@ -21,8 +22,6 @@ from fastdpo.evaluation.implicit_reward import score_rows
 from fastdpo.evaluation.models import EvaluationInputError
 from fastdpo.reference import ReferenceCache
 from fastdpo.reference_fingerprint import tokenization_settings
-from fastdpo.testing.models import tiny_model
-from fastdpo.testing.tokenizer import build_tiny_tokenizer
 
 PAIRS = [
     {
@@ -37,17 +36,10 @@ SINGLES = [{"prompt": f"Say {i}.", "completion": f"{i} " * (1 + i % 3)} for i in
 BETA = 0.25
 
 
-def _save_model(folder: Path, seed: int) -> Path:
-    tokenizer = build_tiny_tokenizer()
-    tiny_model("llama", vocab_size=len(tokenizer), seed=seed).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("score")
-    return {"policy": _save_model(root / "policy", 5), "ref": _save_model(root / "ref", 6)}
+    return {"policy": save_tiny_model(root / "policy", 5), "ref": save_tiny_model(root / "ref", 6)}
 
 
 def _tokenized(folder: Path, rows):

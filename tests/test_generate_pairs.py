@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from evaluation_fixtures import save_tiny_model
 
 import fastdpo
 from fastdpo.cli import main
@@ -21,8 +22,6 @@ from fastdpo.evaluation.sampling import (
     load_prompts,
     sample_responses,
 )
-from fastdpo.testing.models import tiny_model
-from fastdpo.testing.tokenizer import build_tiny_tokenizer
 
 TEXT_PROMPTS = ["What is the capital of France?", "Please write a short poem.", "Hello!"]
 CHAT_PROMPT = [{"role": "user", "content": "How are you today?"}]
@@ -30,11 +29,7 @@ CHAT_PROMPT = [{"role": "user", "content": "How are you today?"}]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    tokenizer = build_tiny_tokenizer()
-    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 def length_judge(prompt, response):

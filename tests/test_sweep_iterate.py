@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from evaluation_fixtures import save_tiny_model
 
 from fastdpo.cli import main
 from fastdpo.evaluation.iterate import IterateSettings, run_iterate
 from fastdpo.evaluation.sampling import SamplingSettings
 from fastdpo.evaluation.sweep import SweepRun, parse_list, pick_best, run_sweep
 from fastdpo.reference import ReferenceCache
-from fastdpo.testing.models import tiny_model
-from fastdpo.testing.tokenizer import build_tiny_tokenizer
 from fastdpo.train.config import ConfigError, TrainConfig
 
 ROWS = [
@@ -36,11 +35,7 @@ def _write_jsonl(path: Path, rows) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    tokenizer = build_tiny_tokenizer()
-    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

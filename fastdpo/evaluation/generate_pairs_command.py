@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from fastdpo.data.ranking import PAIRING_POLICIES
+
+if TYPE_CHECKING:
+    from fastdpo.evaluation.sampling import SamplingSettings
 
 JUDGE_HELP = (
     "what scores a response: 'module:function' (a Python function (prompt, response) -> "
@@ -38,6 +42,20 @@ def add_sampling_options(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     parser.add_argument(
         "--batch-size", type=int, default=16, metavar="N", help="prompts per generate call"
+    )
+
+
+def sampling_settings(args: argparse.Namespace) -> SamplingSettings:
+    """The `SamplingSettings` that `add_sampling_options`' flags in `args` describe."""
+    from fastdpo.evaluation.sampling import SamplingSettings  # torch: only when a command runs
+
+    return SamplingSettings(
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
     )
 
 
@@ -97,17 +115,9 @@ def run(args: argparse.Namespace) -> int:
     """Generate pairs as `args` says; returns the exit status."""
     from fastdpo.evaluation.judges import JudgeError, load_judge
     from fastdpo.evaluation.pair_generation import generate_pairs
-    from fastdpo.evaluation.sampling import SamplingSettings
 
     try:
-        sampling = SamplingSettings(
-            num_samples=args.num_samples,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            batch_size=args.batch_size,
-        )
+        sampling = sampling_settings(args)
         judge = load_judge(args.judge, device=args.device, beta=args.judge_beta)
         result = generate_pairs(
             args.model,

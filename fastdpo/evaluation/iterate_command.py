@@ -20,6 +20,7 @@ from fastdpo.evaluation.generate_pairs_command import (
     JUDGE_HELP,
     add_pairing_options,
     add_sampling_options,
+    sampling_settings,
 )
 
 
@@ -59,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
     from fastdpo.data.validation import BadRowError
     from fastdpo.evaluation.iterate import IterateSettings, NoPairsError, run_iterate
     from fastdpo.evaluation.judges import JudgeError
-    from fastdpo.evaluation.sampling import SamplingSettings
     from fastdpo.reference_shards import ReferenceCacheError
     from fastdpo.train.config import ConfigError, TrainConfig
     from fastdpo.train.trainer import NonFiniteLossError
@@ -74,14 +74,7 @@ def run(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             judge=args.judge,
             prompts=args.prompts,
-            sampling=SamplingSettings(
-                num_samples=args.num_samples,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                seed=args.seed,
-                batch_size=args.batch_size,
-            ),
+            sampling=sampling_settings(args),
             pairing=args.pairing,
             min_score_gap=args.min_score_gap,
             on_judge_error=args.on_judge_error,
