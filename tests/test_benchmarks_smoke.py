@@ -163,6 +163,23 @@ def test_bench_train_runs_on_cpu(tmp_path):
     assert "| trainer | pairs/s |" in proc.stdout and "| longest pair (tokens) |" in proc.stdout
 
 
+def test_bench_eval_runs_on_cpu(tmp_path):
+    """fastdpo's evaluate (from paths) and score on the tiny preset, each in its own process;
+    the TRL row runs where trl is installed in this Python and is skipped with the reason
+    where not."""
+    csv_path = tmp_path / "eval.csv"
+    command = [sys.executable, str(BENCHMARKS / "bench_eval.py"), "--device", "cpu"]
+    command += ["--preset", "tiny", "--impls", "fastdpo-eval,fastdpo-score,trl"]
+    command += ["--repeats", "1", "--csv", str(csv_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in _read_csv(csv_path)}
+    for name in ("fastdpo-eval", "fastdpo-score"):
+        assert rows[name]["status"] == "ok", rows[name]
+        assert float(rows[name]["pairs_per_s"]) > 0
+    assert rows["trl"]["status"] in ("ok", "skipped"), rows["trl"]
+
+
 def test_longest_search_doubles_then_bisects(monkeypatch):
     calls = []
 
