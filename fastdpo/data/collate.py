@@ -22,6 +22,7 @@ def collate_pairs(
     *,
     pad_to_multiple: int | None = None,
     pad_token_id: int = 0,
+    share_prompt: bool = False,
 ) -> PackedBatch:
     """One `PackedBatch` holding `pairs` in order (all paired, or all unpaired).
 
@@ -30,22 +31,18 @@ def collate_pairs(
         pad_to_multiple: if set, T is padded up to a multiple of it with one trailing segment
             (positions restarting at 0, no targets), as `PackedBatch` documents.
         pad_token_id: the token id written in the padding.
+        share_prompt: the shared-prompt form (each pair's prompt once; paired examples only),
+            see `fastdpo.data.shared_prompt`.
     """
-    if not pairs:
-        raise ValueError("collate_pairs needs at least one example")
-    paired = pairs[0].is_paired
-    if any(p.is_paired != paired for p in pairs):
-        raise ValueError(
-            "a batch cannot mix paired and unpaired (KTO) examples: the sequence layout differs; "
-            "pack them separately"
+    paired = check_examples(pairs)
+    if share_prompt:
+        from fastdpo.data.shared_prompt import collate_shared_prompt
+
+        return collate_shared_prompt(
+            pairs, pad_to_multiple=pad_to_multiple, pad_token_id=pad_token_id
         )
     prompts, completions, masks, seq_pair, seq_role, seq_label = [], [], [], [], [], []
     for index, pair in enumerate(pairs):
-        if not pair.prompt_ids:
-            raise ValueError(
-                f"example {pair.example_id!r} has an empty prompt: every sequence needs a prompt "
-                "token (the hidden state that predicts its first completion token)"
-            )
         if paired:
             parts = [
                 (pair.chosen_ids, pair.chosen_loss_mask, Role.CHOSEN),
@@ -54,11 +51,6 @@ def collate_pairs(
         else:
             parts = [(pair.chosen_ids, pair.chosen_loss_mask, Role.UNPAIRED)]
         for ids, mask, role in parts:
-            if mask is not None and len(mask) != len(ids):
-                raise ValueError(
-                    f"example {pair.example_id!r}: loss mask has {len(mask)} entries for "
-                    f"{len(ids)} completion tokens"
-                )
             prompts.append(pair.prompt_ids)
             completions.append(ids)
             masks.append(mask)
@@ -84,15 +76,9 @@ def collate_pairs(
     target_cu = targets_before[starts]  # targets before each sequence start, then the total
     position_ids = np.arange(num_real, dtype=np.int64) - np.repeat(starts[:-1], seq_lengths)
 
-    cu_seqlens = starts
-    padding = 0
-    if pad_to_multiple:
-        padding = -num_real % pad_to_multiple
-    if padding:
-        input_ids = np.concatenate([input_ids, np.full(padding, pad_token_id, dtype=np.int64)])
-        position_ids = np.concatenate([position_ids, np.arange(padding, dtype=np.int64)])
-        cu_seqlens = np.concatenate([starts, [num_real + padding]])
-
+    input_ids, position_ids, cu_seqlens, padding = pad_stream(
+        input_ids, position_ids, starts, pad_to_multiple, pad_token_id
+    )
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids),
         position_ids=torch.from_numpy(position_ids),
@@ -107,3 +93,49 @@ def collate_pairs(
         example_ids=[p.example_id for p in pairs],
         num_padding=padding,
     )
+
+
+def check_examples(pairs: Sequence[TokenizedPair]) -> bool:
+    """Refuse what no layout can hold; return whether the examples are paired."""
+    if not pairs:
+        raise ValueError("collate_pairs needs at least one example")
+    paired = pairs[0].is_paired
+    if any(p.is_paired != paired for p in pairs):
+        raise ValueError(
+            "a batch cannot mix paired and unpaired (KTO) examples: the sequence layout differs; "
+            "pack them separately"
+        )
+    for pair in pairs:
+        if not pair.prompt_ids:
+            raise ValueError(
+                f"example {pair.example_id!r} has an empty prompt: every sequence needs a prompt "
+                "token (the hidden state that predicts its first completion token)"
+            )
+        completions = [(pair.chosen_ids, pair.chosen_loss_mask)]
+        if paired:
+            completions.append((pair.rejected_ids, pair.rejected_loss_mask))
+        for ids, mask in completions:
+            if mask is not None and len(mask) != len(ids):
+                raise ValueError(
+                    f"example {pair.example_id!r}: loss mask has {len(mask)} entries for "
+                    f"{len(ids)} completion tokens"
+                )
+    return paired
+
+
+def pad_stream(
+    input_ids: np.ndarray,
+    position_ids: np.ndarray,
+    starts: np.ndarray,
+    pad_to_multiple: int | None,
+    pad_token_id: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(input_ids, position_ids, cu_seqlens, padding): the stream padded up to a multiple of
+    `pad_to_multiple` with one trailing segment (positions from 0), `starts` ending at T."""
+    num_real = int(starts[-1])
+    padding = -num_real % pad_to_multiple if pad_to_multiple else 0
+    if not padding:
+        return input_ids, position_ids, starts, 0
+    input_ids = np.concatenate([input_ids, np.full(padding, pad_token_id, dtype=np.int64)])
+    position_ids = np.concatenate([position_ids, np.arange(padding, dtype=np.int64)])
+    return input_ids, position_ids, np.concatenate([starts, [num_real + padding]]), padding

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastdpo.data.collate import collate_pairs
 from fastdpo.data.planner import PackingStats, best_fit_decreasing
+from fastdpo.data.shared_prompt import SharePrompt, resolve_share_prompt
 from fastdpo.data.types import PackedBatch, TokenizedPair
 
 logger = logging.getLogger("fastdpo.data")
@@ -53,6 +54,9 @@ class PackingOptions:
     (None: plan all at once, the fullest batches; only their order and tie-breaks change)."""
     on_oversized: OnOversized = "error"
     """An example longer than the budget on its own: "error", or "skip" (logged, counted)."""
+    share_prompt: bool = False
+    """Pack each pair as one shared-prompt group (`fastdpo.data.shared_prompt`): its prompt
+    counts once against the budget."""
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_batch < 2:
@@ -82,7 +86,7 @@ class PackedPairs(Dataset):
     def __init__(self, pairs: Sequence[TokenizedPair], options: PackingOptions):
         self.pairs = pairs
         self.options = options
-        sizes = [p.num_tokens for p in pairs]
+        sizes = [p.tokens_in_stream(options.share_prompt) for p in pairs]
         budget = options.max_tokens_per_batch
         oversized = [i for i, n in enumerate(sizes) if n > budget]
         if oversized and options.on_oversized == "error":
@@ -131,6 +135,7 @@ class PackedPairs(Dataset):
             [self.pairs[i] for i in self.plan[index]],
             pad_to_multiple=self.options.pad_to_multiple,
             pad_token_id=self.options.pad_token_id,
+            share_prompt=self.options.share_prompt,
         )
         batch.metadata.update(batch_index=index, epoch=self.options.epoch)
         return batch
@@ -175,12 +180,15 @@ def pack_pairs(
     max_pairs_per_batch: int | None = None,
     plan_window: int | None = None,
     on_oversized: OnOversized = "error",
+    share_prompt: SharePrompt = False,
 ) -> PackedPairs:
     """Plan one epoch of micro-batches over `tokenized`; see `PackingOptions` for the arguments.
 
     Every example appears in exactly one batch (except oversized ones under
     `on_oversized="skip"`); both sequences of a pair share the batch. Examples must be all
-    paired or all unpaired.
+    paired or all unpaired. `share_prompt`: True packs each pair's prompt once (the
+    shared-prompt form, which `sequence_logps` takes unchanged), "auto" does so when the
+    prompts are a large enough share of the tokens (`fastdpo.data.shared_prompt`).
     """
     if not tokenized:
         raise ValueError("pack_pairs got no examples")
@@ -198,5 +206,6 @@ def pack_pairs(
         max_pairs_per_batch=max_pairs_per_batch,
         plan_window=plan_window,
         on_oversized=on_oversized,
+        share_prompt=resolve_share_prompt(share_prompt, tokenized),
     )
     return PackedPairs(tokenized, options)

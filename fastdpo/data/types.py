@@ -70,9 +70,14 @@ class TokenizedPair:
     @property
     def num_tokens(self) -> int:
         """Tokens this example takes in a packed stream (the prompt appears once per sequence)."""
+        return self.tokens_in_stream(share_prompt=False)
+
+    def tokens_in_stream(self, share_prompt: bool = False) -> int:
+        """Tokens this example takes in a packed stream: the prompt once per sequence, or once
+        per pair in the shared-prompt form (`share_prompt=True`, paired examples)."""
         n = len(self.prompt_ids) + len(self.chosen_ids)
         if self.rejected_ids is not None:
-            n += len(self.prompt_ids) + len(self.rejected_ids)
+            n += len(self.rejected_ids) + (0 if share_prompt else len(self.prompt_ids))
         return n
 
 
@@ -82,6 +87,33 @@ class Role(enum.IntEnum):
     CHOSEN = 0
     REJECTED = 1
     UNPAIRED = 2
+
+
+@dataclass(kw_only=True)
+class SharedPromptLayout:
+    """Where the parts of every pair lie in a shared-prompt `PackedBatch` (see its docstring).
+
+    G is the number of pairs (groups), K the number of keys the rejected part attends to.
+    Everything a backend needs is here, computed on the host at collation, so that no
+    attention layer has to read a device tensor back.
+    """
+
+    rejected_start: int
+    """Stream offset where the rejected part begins (a Python int): every group's prompt and
+    chosen tokens lie before it, every group's rejected tokens (then the padding) after it."""
+    rejected_cu_seqlens: torch.Tensor
+    """int32 [G + 1] (or [G + 2] with padding): offsets of each group's rejected tokens, then
+    of the padding, relative to `rejected_start` (the queries of the second attention call)."""
+    key_index: torch.Tensor
+    """int64 [K]: stream positions of the keys the rejected part attends to, group by group:
+    the group's prompt, then its rejected tokens (then the padding, attending to itself)."""
+    key_cu_seqlens: torch.Tensor
+    """int32 [G + 1] (or [G + 2]): offsets of each group's keys in `key_index`."""
+    token_group: torch.Tensor
+    """int32 [T]: the group of each stream position (G for the padding)."""
+    token_branch: torch.Tensor
+    """int8 [T]: 0 for a prompt (or padding) token, 1 chosen, 2 rejected. A query may see a
+    key of its group only if the key is a prompt token or on the query's own branch."""
 
 
 @dataclass(kw_only=True)
@@ -102,6 +134,25 @@ class PackedBatch:
     Padding (optional, to make T a multiple of some number): the padded tail is one extra
     segment at the end of `cu_seqlens` (its positions restart at 0), so `cu_seqlens` has
     S + 2 entries instead of S + 1; it owns no targets and is counted nowhere else.
+
+    Shared-prompt form (`shared_prompt` set; paired data only): each pair's prompt is in the
+    stream once, as a group [prompt, chosen, rejected] whose rejected tokens attend to the
+    prompt and to themselves, never to the chosen tokens, with positions continuing from the
+    prompt's end (so both completions see exactly what they would see unshared). The stream
+    holds every group's prompt + chosen tokens first (group order), then every group's
+    rejected tokens, then the padding:
+
+        [P0 C0][P1 C1] ... | [R0][R1] ... | [padding]
+        positions: P 0..p-1, C p..p+c-1, R p..p+r-1
+
+    `cu_seqlens` keeps S (+ 1) segments in stream order: the G prompt + chosen segments, then
+    the G rejected segments (then the padding), so the first part is an ordinary packed
+    stream and the attention backends read both parts as slices; only the prompt keys are
+    gathered for the rejected queries (`SharedPromptLayout.key_index`). Sequences, targets
+    and `target_cu` are as in the plain form, except that the first rejected target of a pair
+    is predicted from its prompt's last position, which is not `j - 1`: `target_positions`
+    is explicit, so no token is duplicated. `max_seqlen` is the longest prompt + completion
+    (or padding), the longest sequence any position attends within.
     """
 
     input_ids: torch.Tensor
@@ -130,6 +181,8 @@ class PackedBatch:
     """Tokens of tail padding in the stream (0 if none)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free-form extras (e.g. planner statistics); never read by the model."""
+    shared_prompt: SharedPromptLayout | None = None
+    """The shared-prompt form's layout, or None for the plain form (see above)."""
 
     @property
     def num_sequences(self) -> int:
@@ -150,12 +203,7 @@ class PackedBatch:
         return self.target_cu[1:] - self.target_cu[:-1]
 
     def _map_tensors(self, fn) -> PackedBatch:
-        changes = {
-            f.name: fn(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return dataclasses.replace(self, **changes)
+        return _map_tensor_fields(self, fn)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         """Every tensor moved to `device` (use `non_blocking=True` from pinned memory)."""
@@ -164,3 +212,16 @@ class PackedBatch:
     def pin_memory(self) -> PackedBatch:
         """Every tensor in pinned host memory (called by DataLoader with pin_memory=True)."""
         return self._map_tensors(lambda t: t.pin_memory())
+
+
+def _map_tensor_fields(obj, fn):
+    """A copy of dataclass `obj` with `fn` applied to its tensor fields (and to those of a
+    nested `SharedPromptLayout`)."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = fn(value)
+        elif isinstance(value, SharedPromptLayout):
+            changes[f.name] = _map_tensor_fields(value, fn)
+    return dataclasses.replace(obj, **changes)
