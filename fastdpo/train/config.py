@@ -131,6 +131,9 @@ class TrainConfig:
     """Micro-batch token budget (packed, no padding); a pair longer than this is an error."""
     pairs_per_step: int = 8
     """Global pairs per optimizer step; micro-batches are accumulated until it is reached."""
+    share_prompt: str = "auto"
+    """auto, true or false: pack each pair as [prompt, chosen, rejected] with its prompt run
+    once (same log-probs, fewer tokens); auto: on when prompts are >= 10% of the tokens."""
     max_steps: int | None = None
     """Optimizer steps to run; when set it wins over num_train_epochs (epochs repeat)."""
     num_train_epochs: float = 1.0
@@ -312,6 +315,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first bad key, its value and what is allowed."""
+        if isinstance(self.share_prompt, bool):  # YAML reads true / false as booleans
+            self.share_prompt = "true" if self.share_prompt else "false"
         _check_types(self)
         _positive(self, "max_length", "max_tokens_per_batch", "pairs_per_step", "logging_steps")
         _positive(self, "dataset_num_proc")
@@ -324,6 +329,7 @@ class TrainConfig:
         _choice(self, "attention", ("auto", "flash", "torch", "flex", "sdpa"))
         _choice(self, "report_to", ("auto", "tensorboard", "none"))
         _choice(self, "strategy", ("auto", "ddp", "fsdp2"))
+        _choice(self, "share_prompt", ("auto", "true", "false"))
         _positive(self, "distributed_timeout")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: got {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
