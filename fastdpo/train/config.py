@@ -317,6 +317,7 @@ class TrainConfig:
         """Raise `ConfigError` naming the first bad key, its value and what is allowed."""
         if isinstance(self.share_prompt, bool):  # YAML reads true / false as booleans
             self.share_prompt = "true" if self.share_prompt else "false"
+        _choice(self, "share_prompt", ("auto", "true", "false"))
         _check_types(self)
         _positive(self, "max_length", "max_tokens_per_batch", "pairs_per_step", "logging_steps")
         _positive(self, "dataset_num_proc")
@@ -329,7 +330,6 @@ class TrainConfig:
         _choice(self, "attention", ("auto", "flash", "torch", "flex", "sdpa"))
         _choice(self, "report_to", ("auto", "tensorboard", "none"))
         _choice(self, "strategy", ("auto", "ddp", "fsdp2"))
-        _choice(self, "share_prompt", ("auto", "true", "false"))
         _positive(self, "distributed_timeout")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: got {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
