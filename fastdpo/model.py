@@ -293,6 +293,11 @@ def _check_batch(batch: PackedBatch, device: torch.device) -> None:
         )
     if batch.max_seqlen > total or batch.max_seqlen < 1:
         raise ValueError(f"batch.max_seqlen={batch.max_seqlen} is outside [1, T={total}]")
+    if batch.shared_prompt is not None and sequences != 2 * batch.num_examples:
+        raise ValueError(
+            f"batch has a shared-prompt layout but {sequences} sequences for "
+            f"{batch.num_examples} examples: the form holds pairs only (2 sequences each)"
+        )
     if batch.input_ids.device != device:
         raise ValueError(
             f"batch is on {batch.input_ids.device} but the model is on {device}: move it with "
@@ -344,7 +349,13 @@ def sequence_logps(
     use_packed_attention(lm, attention)
 
     total = batch.input_ids.shape[0]
-    attention_kwargs = packed_attention_kwargs(batch.cu_seqlens, batch.max_seqlen, total)
+    attention_kwargs = packed_attention_kwargs(
+        batch.cu_seqlens,
+        batch.max_seqlen,
+        total,
+        shared_prompt=batch.shared_prompt,
+        position_ids=batch.position_ids,
+    )
     outputs = body(
         input_ids=batch.input_ids[None],
         position_ids=batch.position_ids[None],

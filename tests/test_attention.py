@@ -17,10 +17,13 @@ from fastdpo.attention import (
     ATTENTION_NAMES,
     BACKENDS,
     STATE_KWARG,
+    backends,
     packed_attention_kwargs,
+    runners,
     use_packed_attention,
     varlen_attention,
 )
+from fastdpo.attention.state import VarlenSegments
 from fastdpo.testing.models import tiny_model
 
 HAS_CUDA = torch.cuda.is_available()
@@ -206,10 +209,11 @@ def fake_varlen_attn_2_11(
 
 @pytest.mark.parametrize("features", FEATURES)
 def test_flash_arguments(monkeypatch, features):
-    monkeypatch.setattr(packed, "_flash_varlen_func", lambda: fake_flash_attn_varlen_func)
+    monkeypatch.setattr(runners, "_flash_varlen_func", lambda: fake_flash_attn_varlen_func)
     q, k, v = random_qkv(LENGTHS)
-    out = packed._run_flash(
-        q, k, v, state_for(LENGTHS), scale=0.3, dropout=0.0,
+    state = state_for(LENGTHS)
+    out = runners._run_flash(
+        q, k, v, state.segments, state, scale=0.3, dropout=0.0,
         sliding_window=features.get("window"), softcap=features.get("softcap"),
     )  # fmt: skip
     ref = reference_attention(q, k, v, LENGTHS, scale=0.3, **features)
@@ -220,11 +224,11 @@ def test_flash_arguments(monkeypatch, features):
 def test_torch_varlen_arguments(monkeypatch, version, window):
     fake = fake_varlen_attn_2_10 if version == "2.10" else fake_varlen_attn_2_11
     parameters = frozenset(inspect.signature(fake).parameters)
-    monkeypatch.setattr(packed, "_torch_varlen_func", lambda: (fake, parameters))
+    monkeypatch.setattr(runners, "_torch_varlen_func", lambda: (fake, parameters))
     q, k, v = random_qkv(LENGTHS)  # grouped-query: 4 query heads, 2 key/value heads
     state = state_for(LENGTHS)
-    out = packed._run_torch_varlen(
-        q, k, v, state, scale=0.3, sliding_window=window, softcap=None, dropout=0.0
+    out = runners._run_torch_varlen(
+        q, k, v, state.segments, state, scale=0.3, sliding_window=window, softcap=None, dropout=0.0
     )
     ref = reference_attention(q, k, v, LENGTHS, scale=0.3, window=window)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -232,7 +236,7 @@ def test_torch_varlen_arguments(monkeypatch, version, window):
 
 def test_torch_varlen_2_10_refuses_windows(monkeypatch):
     parameters = frozenset(inspect.signature(fake_varlen_attn_2_10).parameters)
-    monkeypatch.setattr(packed, "_torch_varlen_func", lambda: (fake_varlen_attn_2_10, parameters))
+    monkeypatch.setattr(backends, "_torch_varlen_func", lambda: (fake_varlen_attn_2_10, parameters))
     features = packed.CallFeatures(device_type="cuda", dtype=torch.bfloat16, sliding_window=8)
     assert "2.11" in packed.unavailable_reason("torch", features)
     full = dataclasses.replace(features, sliding_window=None)
@@ -268,19 +272,19 @@ def test_switch_is_per_instance_and_registered_by_name():
 
 def test_per_batch_work_is_shared_by_layers(monkeypatch):
     built, reads = [], []
-    original_mask = packed._causal_window_mask
+    original_mask = runners._causal_window_mask
     monkeypatch.setattr(
-        packed,
+        runners,
         "_causal_window_mask",
-        lambda length, window, device: (
-            built.append((length, window)) or original_mask(length, window, device)
+        lambda length_q, length_k, window, device: (
+            built.append((length_q, window)) or original_mask(length_q, length_k, window, device)
         ),
     )
-    original_offsets = packed.PackedAttentionState.host_offsets
+    original_offsets = VarlenSegments.host_offsets
     monkeypatch.setattr(
-        packed.PackedAttentionState,
+        VarlenSegments,
         "host_offsets",
-        lambda self: reads.append(self._host_offsets is None) or original_offsets(self),
+        lambda self: reads.append(self._host is None) or original_offsets(self),
     )
     model = tiny_model("gemma2", num_hidden_layers=4)  # sliding (W=4), full, sliding, full
     use_packed_attention(model, "sdpa")

@@ -15,8 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastdpo import attention
-from fastdpo.attention import packed_attention_kwargs
+from fastdpo.attention import huggingface, packed_attention_kwargs, runners
 from fastdpo.data.collate import collate_pairs
 from fastdpo.data.types import TokenizedPair
 from fastdpo.liger import _swap_body_modules, apply_liger_body_kernels
@@ -226,9 +225,9 @@ def test_gradient_checkpointing(reentrant, monkeypatch):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     model.train()  # checkpointing is active in training mode only (dropout is 0 in tiny models)
     calls = []
-    original = attention.varlen_attention
+    original = huggingface.varlen_attention
     monkeypatch.setattr(
-        attention, "varlen_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
+        huggingface, "varlen_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
     check_against_reference(model, random_pairs(2, seed=8))
     # Each of the 2 layers ran in the forward and again when backward recomputed it (the
@@ -388,7 +387,7 @@ def test_control_boundaries_removed_is_detected(monkeypatch):
 
     # A batch with one segment for several sequences is refused by the batch checks, so the
     # boundaries are removed where attention reads them: in the kwargs handed to the layers.
-    def one_segment(cu_seqlens, max_seqlen, total_tokens=None):
+    def one_segment(cu_seqlens, max_seqlen, total_tokens=None, **layout):
         return packed_attention_kwargs(torch.tensor([0, total], dtype=torch.int32), total, total)
 
     monkeypatch.setattr("fastdpo.model.packed_attention_kwargs", one_segment)
@@ -407,11 +406,13 @@ def test_control_window_off_by_one_is_detected(monkeypatch, shift):
     model, pairs = tiny_model("mistral"), random_pairs(3, seed=25, completion=(6, 12))
     with torch.no_grad():
         reference = reference_logps(model, pairs)
-    original_mask = attention._causal_window_mask
+    original_mask = runners._causal_window_mask
     monkeypatch.setattr(
-        attention,
+        runners,
         "_causal_window_mask",
-        lambda length, window, device: original_mask(length, window + shift, device),
+        lambda length_q, length_k, window, device: original_mask(
+            length_q, length_k, window + shift, device
+        ),
     )
     broken = _packed_with(model, pairs)
     with pytest.raises(AssertionError, match="packed"):
