@@ -16,10 +16,11 @@ The stream is `[P0 C0][P1 C1] ... | [R0][R1] ... | [padding]`. One design per ba
 What sharing costs per layer (the varlen and "sdpa" paths): one gather of K and of V over the
 prompt and rejected keys, 2 x (sum of prompt + rejected tokens) x Hkv x D elements, read and
 written (K, V of Llama-3-8B in bf16: 4 KiB per token and layer, so a 4k-token prompt moves
-~16 MiB per layer, microseconds of HBM time), and the same in backward as an index-add into
-dK/dV. What it saves: every layer's work on each pair's second copy of the prompt
-(projections, MLP, norms, and its attention). Gradients reach the prompt from both
-completions: through the first call's keys and through the gathered ones.
+~16 MiB per layer, microseconds of HBM time), the same in backward as an index-add into
+dK/dV, and one copy of the output ([T, Hq, D]) that joins the two calls. What it saves:
+every layer's work on each pair's second copy of the prompt (projections, MLP, norms, and
+its attention). Gradients reach the prompt from both completions: through the first call's
+keys and through the gathered ones.
 """
 
 from __future__ import annotations
