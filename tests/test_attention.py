@@ -63,6 +63,17 @@ def reference_attention(q, k, v, lengths, *, scale, window=None, softcap=None) -
     return torch.cat(outs)
 
 
+def assert_forward_backward_close(out, ref, inputs) -> None:
+    """`out` equals the float64 `ref`, and so do the gradients of both w.r.t. `inputs` under
+    the same random output gradient."""
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out.double())
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=1e-4, atol=1e-5)
+
+
 def random_qkv(lengths, heads=4, kv_heads=2, dim=16, dtype=torch.float32, device="cpu"):
     total = sum(lengths)
     make = lambda h: torch.randn(total, h, dim, dtype=dtype, device=device, requires_grad=True)  # noqa: E731
@@ -93,12 +104,7 @@ def test_sdpa_backend_forward_and_backward(kv_heads, features):
         softcap=features.get("softcap"),
     )
     ref = reference_attention(q, k, v, LENGTHS, scale=scale, **features)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out.double())
-    for grad, ref_grad in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=1e-4, atol=1e-5)
+    assert_forward_backward_close(out, ref, (q, k, v))
 
 
 @pytest.mark.parametrize("features", FEATURES)

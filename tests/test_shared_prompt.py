@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 import torch
+from test_attention import assert_forward_backward_close
 from test_model import (
     FP32_GRAD_RTOL,
     FP32_LOGP_ATOL,
@@ -250,12 +251,7 @@ def test_sdpa_path_forward_and_backward(features):
     options = {"sliding_window": features.get("window"), "softcap": features.get("softcap")}
     out = varlen_attention(q, k, v, shared_state(batch), backend="sdpa", scale=0.4, **options)
     ref = dense_reference(q, k, v, batch, scale=0.4, **features)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out.double())
-    for grad, ref_grad in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=1e-4, atol=1e-5)
+    assert_forward_backward_close(out, ref, (q, k, v))
 
 
 @pytest.mark.parametrize("features", FEATURES)
@@ -323,12 +319,7 @@ def test_varlen_kernel_paths_pass_the_right_segments(monkeypatch, backend, windo
     options = {"scale": 0.4, "sliding_window": window, "softcap": None, "dropout": 0.0}
     out = shared_prompt_attention(backend, q, k, v, shared_state(batch), **options)
     ref = dense_reference(q, k, v, batch, scale=0.4, window=window)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out.double())
-    for grad, ref_grad in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=1e-4, atol=1e-5)
+    assert_forward_backward_close(out, ref, (q, k, v))
 
 
 # ------------------------------------------------------------------------------------------------
