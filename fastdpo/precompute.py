@@ -99,6 +99,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     run_group.add_argument("--per-token", action="store_true", help="also store per-token values")
     run_group.add_argument(
+        "--share-prompt",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help=(
+            "pack each pair with its prompt once (same log-probs, fewer tokens; not part of the "
+            "fingerprint, so the cache serves a run either way); auto: on when prompts are >= "
+            "10%% of the tokens (default %(default)s)"
+        ),
+    )
+    run_group.add_argument(
         "--overwrite", action="store_true", help="replace a cache built from other inputs"
     )
     run_group.add_argument(
@@ -135,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             num_workers=workers,
             progress=args.progress,
             command=_command_line(),
+            share_prompt=args.share_prompt,
         )
         try:
             cache = ReferenceCache.build(

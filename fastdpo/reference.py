@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastdpo.data.shared_prompt import SharePrompt
 from fastdpo.data.types import PackedBatch, Role, TokenizedPair
 from fastdpo.reference_build import REBUILD_HINT, BuildOptions, build_cache
 from fastdpo.reference_fingerprint import (
@@ -138,6 +139,7 @@ class ReferenceCache:
         overwrite: bool = False,
         progress: bool = True,
         on_shard_written: Callable[[ShardRecord], None] | None = None,
+        share_prompt: SharePrompt = "auto",
         options: BuildOptions | None = None,
     ) -> ReferenceCache:
         """Run `model` (the reference, on its device) over `dataset` and write a cache folder.
@@ -148,6 +150,8 @@ class ReferenceCache:
         with the same arguments after a crash: finished shards are kept. Under
         `torch.distributed` every rank calls this with the same data and its own model
         replica. `on_shard_written` is called with each shard's record once it is on disk.
+        `share_prompt` (True, False or "auto") packs each pair with its prompt once: the same
+        values for fewer tokens, so it is not fingerprinted (the manifest's `build` records it).
         `options` (a `BuildOptions`, which has a few more settings) replaces the keyword
         settings when given. Returns the opened cache (after checksum verification).
         """
@@ -159,6 +163,7 @@ class ReferenceCache:
                 overwrite=overwrite,
                 progress=progress,
                 on_shard_written=on_shard_written,
+                share_prompt=share_prompt,
             )
         path = build_cache(
             model, dataset, out_dir, tokenizer=tokenizer, tokenization=tokenization, options=options

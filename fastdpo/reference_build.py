@@ -9,7 +9,10 @@ hold the planned examples, and computes the rest.
 
 Inside a shard the examples are packed into token-budget micro-batches (both sequences of a
 pair together) and run through `sequence_logps` under `torch.inference_mode`: no logits, no
-autograd state, so the budget can be several times the training one.
+autograd state, so the budget can be several times the training one. `share_prompt` packs each
+pair with its prompt once (`fastdpo.data.shared_prompt`): the same log-probs for fewer tokens,
+so it is no part of the fingerprint or the shard plan (a cache built either way serves a run
+either way); the manifest's `build` part records the choice.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fastdpo.data.packing import PackedPairs, pack_pairs
+from fastdpo.data.shared_prompt import SharePrompt, prompt_share, resolve_share_prompt
 from fastdpo.data.types import PackedBatch, Role, TokenizedPair
 from fastdpo.model import sequence_logps
 from fastdpo.reference_fingerprint import Fingerprint, compute_fingerprint, example_digest
@@ -71,6 +75,16 @@ class BuildOptions:
     """The command line that started the build, recorded in the manifest for rebuild hints."""
     on_shard_written: Callable[[ShardRecord], None] | None = None
     """Called after each shard and its record are on disk (progress reporting, tests)."""
+    share_prompt: SharePrompt = "auto"
+    """Pack each pair with its prompt once: True, False or "auto" (on when the prompts are a
+    large enough share of the paired examples' tokens; decided once over all examples)."""
+
+
+def share_prompt_note(setting: SharePrompt, shared: bool, pairs: Sequence[TokenizedPair]) -> str:
+    """The logged decision: "share_prompt auto: on (prompts are 41% of the tokens)"."""
+    state = "on" if shared else "off"
+    share = prompt_share(pairs)
+    return f"share_prompt {str(setting).lower()}: {state} (prompts are {share:.0%} of the tokens)"
 
 
 def build_cache(
@@ -129,8 +143,16 @@ def build_cache(
         len(mine),
         len(todo),
     )
+    paired = [p for p in ordered if p.is_paired]
+    # Decided over the paired examples (unpaired ones have no second prompt to share); an
+    # explicit True over unpaired data only is an error naming the option.
+    shared = resolve_share_prompt(options.share_prompt, paired or ordered)
+    if rank == 0:
+        logger.info("reference pass: %s", share_prompt_note(options.share_prompt, shared, paired))
     device = next(model.parameters()).device
-    total_tokens = sum(ordered[j].num_tokens for i in todo for j in range(*shard_ranges[i]))
+    total_tokens = sum(
+        ordered[j].tokens_in_stream(shared) for i in todo for j in range(*shard_ranges[i])
+    )
     bar = tqdm(
         total=total_tokens,
         unit="tok",
@@ -152,6 +174,7 @@ def build_cache(
             device=device,
             num_workers=options.num_workers,
             on_batch=bar.update,
+            share_prompt=shared,
         )
         for done, (position, columns) in enumerate(results, 1):
             i = todo[position]
@@ -184,6 +207,7 @@ def build_cache(
             "max_tokens_per_batch": options.max_tokens_per_batch,
             "rank0_seconds": round(seconds, 3),
             "rank0_tokens": total_tokens,
+            "share_prompt": shared,  # not a fingerprint field: the values do not depend on it
             "command": options.command,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -205,8 +229,10 @@ def compute_columns(
     device: torch.device,
     num_workers: int = 0,
     on_batch: Callable[[int], Any] | None = None,
+    share_prompt: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The shard columns (see `reference_shards`) of `pairs`, in their order (one shard)."""
+    """The shard columns (see `reference_shards`) of `pairs`, in their order (one shard);
+    `share_prompt` packs the paired examples with their prompt once."""
     ((_, columns),) = _shard_columns(
         model,
         [pairs],
@@ -216,6 +242,7 @@ def compute_columns(
         device=device,
         num_workers=num_workers,
         on_batch=on_batch,
+        share_prompt=share_prompt,
     )
     return columns
 
@@ -230,6 +257,7 @@ def _shard_columns(
     device: torch.device,
     num_workers: int,
     on_batch: Callable[[int], Any] | None,
+    share_prompt: bool = False,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """(position in `shards`, shard columns) for each shard, as soon as its last batch is done.
 
@@ -238,7 +266,8 @@ def _shard_columns(
     per shard, not per batch, so the host keeps feeding batches while the device computes.
     """
     current: _ShardResults | None = None
-    for position, batch in _batches(shards, max_tokens_per_batch, num_workers, device):
+    batches = _batches(shards, max_tokens_per_batch, num_workers, device, share_prompt)
+    for position, batch in batches:
         if current is not None and current.position != position:
             yield current.position, current.columns()
             current = None
@@ -346,17 +375,23 @@ def _batches(
     max_tokens_per_batch: int,
     num_workers: int,
     device: torch.device,
+    share_prompt: bool = False,
 ) -> Iterable[tuple[int, PackedBatch]]:
     """(shard position, micro-batch) of every shard, shard after shard. Within a shard, paired
-    and unpaired examples are packed apart (a batch holds one kind), largest batches first
-    (planner order, so running out of memory shows at once); staged in pinned memory when the
-    device is CUDA."""
+    and unpaired examples are packed apart (a batch holds one kind; `share_prompt` applies to
+    the paired ones), largest batches first (planner order, so running out of memory shows at
+    once); staged in pinned memory when the device is CUDA."""
     plans = []
     for position, pairs in enumerate(shards):
         for paired in (True, False):
             group = [p for p in pairs if p.is_paired == paired]
             if group:
-                packed = pack_pairs(group, max_tokens_per_batch=max_tokens_per_batch, shuffle=False)
+                packed = pack_pairs(
+                    group,
+                    max_tokens_per_batch=max_tokens_per_batch,
+                    shuffle=False,
+                    share_prompt=share_prompt and paired,
+                )
                 plans.append((position, packed))
     planned = _PlannedBatches(plans)
     pin = device.type == "cuda"

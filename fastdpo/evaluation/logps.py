@@ -76,7 +76,10 @@ def model_logps(
     count = len(pairs)
     values = torch.full((2, count), float("nan"), dtype=torch.float32)
     lengths = torch.zeros((2, count), dtype=torch.int64)
-    packed = pack_pairs(pairs, max_tokens_per_batch=max_tokens_per_batch, shuffle=False)
+    # Pairs with long prompts run them once (same values, fewer tokens); unpaired: plain.
+    packed = pack_pairs(
+        pairs, max_tokens_per_batch=max_tokens_per_batch, shuffle=False, share_prompt="auto"
+    )
     for index, plan in enumerate(packed.plan):
         batch = packed[index]
         with autocast() if autocast is not None else contextlib.nullcontext():

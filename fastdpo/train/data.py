@@ -5,6 +5,11 @@ pairs, cut into steps of `pairs_per_step` pairs (the last step of an epoch may b
 each step's pairs are packed into token-budget micro-batches. A process of a multi-process run
 takes its share of every step's pairs (`rank_share`), so every rank sees the same step
 boundaries and the step's loss is normalized by the global pair count.
+
+`share_prompt` is decided once, over the training pairs, when the data is loaded
+(`RunData.share_prompt`); the step's and the held-out batches are packed in that form, and
+every size (the budget check, rank balance) counts the tokens of that form. The data order
+does not depend on it: a step trains on the same pairs either way.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from typing import Any
 import numpy as np
 
 from fastdpo.data.packing import pack_pairs
+from fastdpo.data.shared_prompt import resolve_share_prompt
 from fastdpo.data.sources import load_preference_data
 from fastdpo.data.tokenize import tokenize_pairs
 from fastdpo.data.types import PackedBatch, PreferenceExample, TokenizedPair
+from fastdpo.reference_build import share_prompt_note
 from fastdpo.train.config import ConfigError, TrainConfig
 
 logger = logging.getLogger("fastdpo.train")
@@ -33,6 +40,9 @@ class RunData:
 
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
+    share_prompt: bool = False
+    """Whether both splits are packed with each pair's prompt once (`share_prompt` resolved
+    over the training pairs)."""
 
 
 def load_run_data(config: TrainConfig, tokenizer: Any) -> RunData:
@@ -65,9 +75,12 @@ def load_run_data(config: TrainConfig, tokenizer: Any) -> RunData:
                 f"{name}: holds unpaired (KTO) rows; the trainer runs paired preference data "
                 "(prompt, chosen, rejected)"
             )
-        _check_fits(pairs, config.max_tokens_per_batch, name)
+    shared = resolve_share_prompt(config.share_prompt, train)
+    logger.info("%s", share_prompt_note(config.share_prompt, shared, train))
+    for name, pairs in (("data", train), ("eval_data", eval_pairs)):
+        _check_fits(pairs, config.max_tokens_per_batch, name, share_prompt=shared)
     logger.info("%d training pairs, %d held-out pairs", len(train), len(eval_pairs))
-    return RunData(train=list(train), eval=list(eval_pairs))
+    return RunData(train=list(train), eval=list(eval_pairs), share_prompt=shared)
 
 
 def _load(source: Any, key: str, config: TrainConfig) -> list[PreferenceExample]:
@@ -93,16 +106,24 @@ def _hold_out(
     return train, held_out
 
 
-def _check_fits(pairs: Sequence[TokenizedPair], budget: int, key: str) -> None:
-    too_long = [p for p in pairs if p.num_tokens > budget]
-    if too_long:
-        worst = max(too_long, key=lambda p: p.num_tokens)
-        raise ConfigError(
-            f"max_tokens_per_batch: {len(too_long)} pair(s) of {key} need more than {budget} "
-            f"tokens (the longest, {worst.example_id!r}, needs {worst.num_tokens}: prompt twice "
-            f"plus both completions); raise max_tokens_per_batch to at least "
-            f"{worst.num_tokens} or lower max_length"
-        )
+def _check_fits(
+    pairs: Sequence[TokenizedPair], budget: int, key: str, *, share_prompt: bool = False
+) -> None:
+    """ConfigError unless every pair fits `budget` in the run's packed form."""
+    too_long = [p for p in pairs if p.tokens_in_stream(share_prompt) > budget]
+    if not too_long:
+        return
+    worst = max(too_long, key=lambda p: p.tokens_in_stream(share_prompt))
+    needs = worst.tokens_in_stream(share_prompt)
+    form = "prompt once (share_prompt on)" if share_prompt else "prompt twice"
+    hint = ""
+    if not share_prompt and worst.tokens_in_stream(True) <= budget:
+        hint = f", set share_prompt: true ({worst.tokens_in_stream(True)} tokens with it)"
+    raise ConfigError(
+        f"max_tokens_per_batch: {len(too_long)} pair(s) of {key} need more than {budget} "
+        f"tokens (the longest, {worst.example_id!r}, needs {needs}: {form} plus both "
+        f"completions); raise max_tokens_per_batch to at least {needs}{hint} or lower max_length"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,18 +206,35 @@ def micro_batches(
     max_tokens_per_batch: int,
     seed: int,
     epoch: int,
+    share_prompt: bool = False,
 ) -> Iterator[PackedBatch]:
-    """The packed micro-batches of one step's (rank's) pairs."""
+    """The packed micro-batches of one step's (rank's) pairs (`share_prompt`: the run's
+    resolved form, never "auto": a step's few pairs must not decide it on their own)."""
     if not indices:
         return iter(())
     chosen = [pairs[i] for i in indices]
     return iter(
-        pack_pairs(chosen, max_tokens_per_batch=max_tokens_per_batch, seed=seed, epoch=epoch)
+        pack_pairs(
+            chosen,
+            max_tokens_per_batch=max_tokens_per_batch,
+            seed=seed,
+            epoch=epoch,
+            share_prompt=share_prompt,
+        )
     )
 
 
-def eval_batches(pairs: Sequence[TokenizedPair], *, max_tokens_per_batch: int) -> list[PackedBatch]:
-    """Held-out pairs packed once, in a fixed order."""
+def eval_batches(
+    pairs: Sequence[TokenizedPair], *, max_tokens_per_batch: int, share_prompt: bool = False
+) -> list[PackedBatch]:
+    """Held-out pairs packed once, in a fixed order (`share_prompt`: the run's form)."""
     if not pairs:
         return []
-    return list(pack_pairs(pairs, max_tokens_per_batch=max_tokens_per_batch, shuffle=False))
+    return list(
+        pack_pairs(
+            pairs,
+            max_tokens_per_batch=max_tokens_per_batch,
+            shuffle=False,
+            share_prompt=share_prompt,
+        )
+    )

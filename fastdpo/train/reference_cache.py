@@ -62,9 +62,12 @@ def prepare_reference(
     device: torch.device,
     load_model,
     autocast=contextlib.nullcontext,
+    share_prompt: bool = False,
 ) -> RunReference:
     """The caches the run reads; `load_model(path)` loads the reference model when needed and
-    the pass runs under `autocast()` (the policy's precision)."""
+    the pass runs under `autocast()` (the policy's precision), packed in the run's form
+    (`share_prompt`, resolved over the training pairs: every pair then fits the pass's budget
+    as it fits training's). A cache found or given is used whichever form built it."""
     if not config.needs_reference:
         return RunReference()
     if config.reference == "none":  # validated: only for reference-free losses
@@ -100,7 +103,15 @@ def prepare_reference(
             )
             with autocast():
                 caches[name] = _build(
-                    model, pairs, out, tokenizer, settings, config, device, per_token=per_token
+                    model,
+                    pairs,
+                    out,
+                    tokenizer,
+                    settings,
+                    config,
+                    device,
+                    per_token=per_token,
+                    share_prompt=share_prompt,
                 )
             built = True
     finally:
@@ -119,7 +130,16 @@ def needs_per_token(config: TrainConfig) -> bool:
 
 
 def _build(
-    model, pairs, out, tokenizer, settings, config, device, *, per_token: bool = False
+    model,
+    pairs,
+    out,
+    tokenizer,
+    settings,
+    config,
+    device,
+    *,
+    per_token: bool = False,
+    share_prompt: bool = False,
 ) -> ReferenceCache:
     budget = config.reference_max_tokens_per_batch or 4 * config.max_tokens_per_batch
     return ReferenceCache.build(
@@ -132,6 +152,7 @@ def _build(
         per_token=per_token,
         overwrite=True,
         progress=config.progress,
+        share_prompt=share_prompt,
     )
 
 

@@ -139,6 +139,7 @@ class Trainer:
             device=self.device,
             load_model=self._load_reference_model,
             autocast=self._autocast,
+            share_prompt=self.data.share_prompt,
         )
         # Several processes: load on the CPU, then replicate (DDP) or shard onto the device
         # (FSDP2 moves only each rank's shards there).
@@ -168,7 +169,11 @@ class Trainer:
             params=dict(config.loss_params),
             head_metrics=config.log_head_metrics,
         )
-        self._sizes = [p.num_tokens for p in self.data.train]
+        # Tokens each pair takes in the run's packed form (rank balance); with sharing, the
+        # prompt tokens it does not run a second time (the logged `prompt_tokens_saved`).
+        shared = self.data.share_prompt
+        self._sizes = [p.tokens_in_stream(shared) for p in self.data.train]
+        self._prompt_saved = [p.num_tokens - p.tokens_in_stream(shared) for p in self.data.train]
         self._chosen_tokens = [
             len(p.chosen_ids) if p.chosen_loss_mask is None else sum(p.chosen_loss_mask)
             for p in self.data.train
@@ -323,6 +328,7 @@ class Trainer:
                     max_tokens_per_batch=config.max_tokens_per_batch,
                     seed=config.seed,
                     epoch=epoch,
+                    share_prompt=self.data.share_prompt,
                 )
             )
 
@@ -345,7 +351,9 @@ class Trainer:
             gradient_sync=lambda is_last: self.parallel.gradient_sync(self.forward_model, is_last),
         )
         capacity = len(batches) * config.max_tokens_per_batch
+        saved = float(sum(self._prompt_saved[i] for i in pairs))  # the global step's, host-side
         if not self.parallel.distributed:
+            out.metrics["prompt_tokens_saved"] = saved
             return out, capacity, self._stop_signal is not None
         # One all-reduce: loss and metrics (pair-share weighted, so the sum is the global
         # mean), counts, and the stop flag. State metrics (BCO's running mean) stay local.
@@ -365,6 +373,7 @@ class Trainer:
         pairs_total, tokens_total, capacity, stop = (int(v) for v in counts.tolist())
         out.metrics.update(summed)
         out.metrics["worst_rank_token_share"] = worst_rank_share(shares, self._sizes)
+        out.metrics["prompt_tokens_saved"] = saved
         out.pairs, out.tokens = pairs_total, tokens_total
         return out, capacity, stop > 0
 
@@ -398,7 +407,11 @@ class Trainer:
     # -- metrics -----------------------------------------------------------------------------
 
     def _log_row(self, window: LogWindow) -> dict[str, Any]:
-        """Means over the logging window (host syncs here, once per logging step)."""
+        """Means over the logging window (host syncs here, once per logging step).
+
+        Tokens (tokens_per_second, packing_efficiency, mfu) are the real tokens of the packed
+        streams, the tokens the model ran: with share_prompt on, each pair's prompt counts
+        once; `prompt_tokens_saved` (per step) is what sharing left out."""
         elapsed = window.seconds()
         row: dict[str, Any] = {
             "step": self.state.global_step,
@@ -431,7 +444,9 @@ class Trainer:
         if not self.data.eval:
             return {}
         batches = eval_batches(
-            self.data.eval, max_tokens_per_batch=self.config.max_tokens_per_batch
+            self.data.eval,
+            max_tokens_per_batch=self.config.max_tokens_per_batch,
+            share_prompt=self.data.share_prompt,
         )
         # Every rank evaluates every held-out batch (FSDP2 needs the same forwards on all ranks;
         # the metrics come out identical everywhere, with no reduction to get wrong).
