@@ -204,7 +204,9 @@ def heldout_metrics(trainer) -> dict[str, float]:
 
     model, reference = trainer.model, trainer.reference.eval
     batches = eval_batches(
-        trainer.data.eval, max_tokens_per_batch=trainer.config.max_tokens_per_batch
+        trainer.data.eval,
+        max_tokens_per_batch=trainer.config.max_tokens_per_batch,
+        share_prompt=trainer.data.share_prompt,
     )
     policy, ref = [], []
     was_training = model.training

@@ -43,6 +43,7 @@ _CHOICES = {
     "on_bad_row": ("error", "skip"),
     "report_to": ("auto", "tensorboard", "none"),
     "strategy": ("auto", "ddp", "fsdp2"),
+    "share_prompt": ("auto", "true", "false"),
 }
 
 
