@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fastdpo.data.packing import PackedPairs, pack_pairs
-from fastdpo.data.shared_prompt import SharePrompt, prompt_share, resolve_share_prompt
+from fastdpo.data.shared_prompt import SharePrompt, resolve_share_prompt, share_prompt_note
 from fastdpo.data.types import PackedBatch, Role, TokenizedPair
 from fastdpo.model import sequence_logps
 from fastdpo.reference_fingerprint import Fingerprint, compute_fingerprint, example_digest
@@ -78,13 +78,6 @@ class BuildOptions:
     share_prompt: SharePrompt = "auto"
     """Pack each pair with its prompt once: True, False or "auto" (on when the prompts are a
     large enough share of the paired examples' tokens; decided once over all examples)."""
-
-
-def share_prompt_note(setting: SharePrompt, shared: bool, pairs: Sequence[TokenizedPair]) -> str:
-    """The logged decision: "share_prompt auto: on (prompts are 41% of the tokens)"."""
-    state = "on" if shared else "off"
-    share = prompt_share(pairs)
-    return f"share_prompt {str(setting).lower()}: {state} (prompts are {share:.0%} of the tokens)"
 
 
 def build_cache(

@@ -63,6 +63,13 @@ def resolve_share_prompt(setting: SharePrompt, pairs: Sequence[TokenizedPair]) -
     return bool(setting)
 
 
+def share_prompt_note(setting: SharePrompt, shared: bool, pairs: Sequence[TokenizedPair]) -> str:
+    """The decision as logged: "share_prompt auto: on (prompts are 41% of the tokens)"."""
+    state = "on" if shared else "off"
+    share = prompt_share(pairs)
+    return f"share_prompt {str(setting).lower()}: {state} (prompts are {share:.0%} of the tokens)"
+
+
 def collate_shared_prompt(
     pairs: Sequence[TokenizedPair], *, pad_to_multiple: int | None = None, pad_token_id: int = 0
 ) -> PackedBatch:

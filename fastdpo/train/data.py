@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 
 from fastdpo.data.packing import pack_pairs
-from fastdpo.data.shared_prompt import resolve_share_prompt
+from fastdpo.data.shared_prompt import resolve_share_prompt, share_prompt_note
 from fastdpo.data.sources import load_preference_data
 from fastdpo.data.tokenize import tokenize_pairs
 from fastdpo.data.types import PackedBatch, PreferenceExample, TokenizedPair
-from fastdpo.reference_build import share_prompt_note
 from fastdpo.train.config import ConfigError, TrainConfig
 
 logger = logging.getLogger("fastdpo.train")
