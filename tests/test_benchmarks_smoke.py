@@ -21,6 +21,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_dpo_loss  # noqa: E402
 import bench_linear_logprobs  # noqa: E402
+import bench_prefix_sharing  # noqa: E402
 import bench_train  # noqa: E402
 import harness  # noqa: E402
 
@@ -178,6 +179,60 @@ def test_bench_eval_runs_on_cpu(tmp_path):
         assert rows[name]["status"] == "ok", rows[name]
         assert float(rows[name]["pairs_per_s"]) > 0
     assert rows["trl"]["status"] in ("ok", "skipped"), rows["trl"]
+
+
+def test_bench_prefix_sharing_runs_on_cpu(tmp_path):
+    """Both modes run on the tiny preset, the shared row carries the comparison, and the two
+    forms compute the same loss on the same pairs at the same initial weights."""
+    from fastdpo.data.shared_prompt import AUTO_MIN_PROMPT_SHARE
+
+    csv_path = tmp_path / "prefix.csv"
+    command = [sys.executable, str(BENCHMARKS / "bench_prefix_sharing.py"), "--device", "cpu"]
+    command += ["--preset", "tiny", "--dists", "hh-rlhf,short-02", "--repeats", "1"]
+    command += ["--csv", str(csv_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["dist"], r["mode"]): r for r in _read_csv(csv_path)}
+    assert set(rows) == {(d, m) for d in ("hh-rlhf", "short-02") for m in ("plain", "shared")}
+    for dist in ("hh-rlhf", "short-02"):
+        plain, shared = rows[dist, "plain"], rows[dist, "shared"]
+        assert plain["status"] == shared["status"] == "ok", (plain, shared)
+        assert plain["pairs"] == shared["pairs"] and plain["budget"] == shared["budget"]
+        assert plain["stream_tokens"] == plain["plain_tokens"] == shared["plain_tokens"]
+        share, ideal = float(shared["prompt_share"]), float(shared["ideal"])
+        # For pairs, sharing removes exactly the prompt share of the stream.
+        assert ideal == pytest.approx(int(shared["plain_tokens"]) / int(shared["stream_tokens"]))
+        assert ideal == pytest.approx(1 / (1 - share), rel=1e-9)
+        assert shared["auto_shares"] == str(share >= AUTO_MIN_PROMPT_SHARE)
+        speedup = float(plain["median_ms"]) / float(shared["median_ms"])
+        assert float(shared["speedup"]) == pytest.approx(speedup, rel=1e-9)
+        assert float(shared["of_ideal"]) == pytest.approx(speedup / ideal, rel=1e-9)
+        assert float(shared["loss_rel_diff"]) < 1e-5
+        assert all(
+            float(r["tokens_per_s"]) > 0 and float(r["peak_mib"]) >= 0 for r in (plain, shared)
+        )
+        assert all(r[column] for column in ENV_COLUMNS for r in (plain, shared))
+    assert rows["hh-rlhf", "shared"]["auto_shares"] == "True"
+    assert rows["short-02", "shared"]["auto_shares"] == "False"
+    assert "| distribution | pairs | prompt share | ideal | speedup |" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("dist", "median_total", "prompt_per_completion"),
+    [("hh-rlhf", 186, 2.2), ("ultrafeedback", 409, 0.4), ("metamath", 872, 3.9)],
+)
+def test_prefix_sharing_lengths_follow_the_datasets(dist, median_total, prompt_per_completion):
+    """The synthetic pairs have the datasets' median sequence length and prompt / completion
+    ratio (of the summed lengths) within 6% (a fixed seed: the draw is deterministic)."""
+    preset = {"length_scale": 1.0, "step_tokens": 200_000}
+    pairs = bench_prefix_sharing.make_pairs(dist, preset, vocab=100, seed=0)
+    totals = sorted(
+        len(p.prompt_ids) + len(c) for p in pairs for c in (p.chosen_ids, p.rejected_ids)
+    )
+    prompts = sum(len(p.prompt_ids) for p in pairs)
+    completions = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / 2
+    assert harness.percentile(totals, 50) == pytest.approx(median_total, rel=0.06)
+    assert prompts / completions == pytest.approx(prompt_per_completion, rel=0.06)
 
 
 def test_longest_search_doubles_then_bisects(monkeypatch):
