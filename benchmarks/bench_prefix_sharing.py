@@ -15,7 +15,8 @@ Reported per distribution:
   prompt share     prompts / the plain form's tokens (`fastdpo.data.shared_prompt.prompt_share`),
                    what sharing removes from the stream
   ideal            stream tokens without sharing / with (= 1 / (1 - prompt share) for pairs)
-  speedup          step time without sharing / with (same pairs: the per-pair ratio)
+  speedup          step time without sharing / with (same pairs: the per-pair ratio); with
+                   --rounds, the median of the per-round ratios (`harness.paired_ratio`)
   of ideal         speedup / ideal
   tokens/s         the pairs' tokens as the plain form counts them (prompt twice) per second,
                    and stream tokens (what the model actually ran) per second
@@ -33,6 +34,9 @@ sequence total prompt + completion and the prompt / completion ratio are the tar
   long-4k        a 4096-token shared context, 512-token completions (fixed lengths)
   short-15 .. short-02   ~400 tokens per sequence with prompt shares 0.15, 0.10, 0.05, 0.02:
                  where sharing stops paying (the break-even for AUTO_MIN_PROMPT_SHARE)
+  anchor-4k-4k   4096-token prompt, 4096-token completions, and anchor-16k, a 16384-token
+  anchor-16k     prefix with 512-token completions: the lengths of the published GPU figures
+                 (flash-preference: 1.27x at 4k/4k, 1.88x at a 16k prefix); not run by default
 
 Presets (random Llama configs from transformers, nothing downloaded):
 
@@ -48,6 +52,7 @@ Presets (random Llama configs from transformers, nothing downloaded):
 
     python benchmarks/bench_prefix_sharing.py --device cpu --preset cpu --rounds 3
     python benchmarks/bench_prefix_sharing.py --device cuda --preset gpu-1b --attention flash
+    python benchmarks/bench_prefix_sharing.py --device cuda --preset gpu-1b --dists anchor-16k
 """
 
 from __future__ import annotations
@@ -72,7 +77,11 @@ DISTRIBUTIONS = {
     "short-10": (80, 320, 0.3),
     "short-05": (40, 360, 0.3),
     "short-02": (16, 384, 0.3),
+    # GPU anchors' lengths (not in the default list: minutes per step on the CPU)
+    "anchor-4k-4k": (4096, 4096, 0.0),
+    "anchor-16k": (16384, 512, 0.0),
 }
+DEFAULT_DISTS = tuple(name for name in DISTRIBUTIONS if not name.startswith("anchor-"))
 
 PRESETS = {
     "cpu": {
@@ -298,6 +307,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             speedup = harness.paired_ratio(plain, shared)
             shared["speedup"] = speedup
             shared["of_ideal"] = speedup / shared["ideal"]
+            shared["plain_median_ms"] = plain["median_ms"]
             shared["plain_peak_mib"] = plain["peak_mib"]
             shared["plain_tokens_per_s"] = plain["tokens_per_s"]
             shared["loss_rel_diff"] = abs(shared["loss"] - plain["loss"]) / max(
@@ -316,7 +326,7 @@ def render(summary: list[dict]) -> str:
     columns: list[harness.Column] = [
         ("distribution", lambda r: r["dist"]),
         ("pairs", lambda r: r.get("pairs", "-")),
-        ("prompt share", lambda r: ok(r, "prompt_share")),
+        ("prompt share", lambda r: ok(r, "prompt_share", ".3f")),
         ("ideal", lambda r: ok(r, "ideal")),
         ("speedup", lambda r: ok(r, "speedup")),
         ("of ideal", lambda r: ok(r, "of_ideal", ".0%")),
@@ -335,7 +345,7 @@ def render(summary: list[dict]) -> str:
 def _plain_ms(row: dict) -> str:
     if row.get("speedup") is None:
         return "-"
-    return f"{row['median_ms'] * row['speedup']:.0f}"
+    return f"{row['plain_median_ms']:.0f}"
 
 
 def _shared_ms(row: dict) -> str:
@@ -369,7 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=list(PRESETS), help="default: gpu-1b on CUDA, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: the preset's")
     parser.add_argument(
-        "--dists", default=",".join(DISTRIBUTIONS), help="comma-separated subset (%(default)s)"
+        "--dists",
+        default=",".join(DEFAULT_DISTS),
+        help=f"comma-separated, from {', '.join(DISTRIBUTIONS)} (default: %(default)s)",
     )
     parser.add_argument(
         "--attention",
