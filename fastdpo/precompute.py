@@ -30,6 +30,8 @@ CPU_BUDGET = 2048
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `precompute-ref` (sets `handler` to `run`)."""
+    from fastdpo.data.shared_prompt import AUTO_MIN_PROMPT_SHARE
+
     parser = subparsers.add_parser(
         "precompute-ref",
         help="compute the reference model's log-probs over a dataset into a cache folder",
@@ -105,7 +107,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help=(
             "pack each pair with its prompt once (same log-probs, fewer tokens; not part of the "
             "fingerprint, so the cache serves a run either way); auto: on when prompts are >= "
-            "10%% of the tokens (default %(default)s)"
+            f"{AUTO_MIN_PROMPT_SHARE * 100:.0f}%% of the tokens (default %(default)s)"
         ),
     )
     run_group.add_argument(
