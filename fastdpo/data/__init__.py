@@ -9,6 +9,7 @@ Modules, in the order data flows through them:
 - `tokenize`: `tokenize_pairs`, with the bad-row policy, worker processes and the `cache`;
 - `planner`: best-fit-decreasing assignment of pairs to token-budget micro-batches;
 - `collate`: pairs -> one `PackedBatch`; `packing`: `pack_pairs`, a DataLoader-ready epoch;
+- `shared_prompt`: the shared-prompt form (each pair's prompt once) and `share_prompt="auto"`;
 - `types`: the types that cross module boundaries (`PackedBatch` is the contract with the model).
 
 Nothing here imports other fastdpo modules.
